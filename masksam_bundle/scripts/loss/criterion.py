@@ -1,0 +1,263 @@
+"""The MaskSAM set criterion (spec section 8, paper Eq. 1): match, then supervise the matched pairs.
+
+For every slice the queries are matched one-to-one to the slice's targets (every label value present,
+background included); then
+
+* CE over K+1 classes for all queries, unmatched ones towards "no object" (weight ``no_object_weight``);
+* for matched queries: BCE + Dice on the final masks and on the auxiliary masks (importance-sampled pixels),
+  and L1 + (1 − GIoU) on the auxiliary boxes;
+* deep supervision: the auxiliary-mask term is split over the finest and the two coarser prompt-generator
+  heads (4/7, 2/7, 1/7 by default), each against the label resampled to its resolution.
+
+Every term is a sum over targets (queries for CE) divided by the total number of targets in the batch, i.e.
+Eq. 1 averaged per target.
+"""
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss
+
+from .dataset_mapping import BatchTargets, batch_targets, downsample_label_maps
+from .mask_losses import bce_matched, dice_matched
+from .matcher import HungarianMatcher, Match
+from .point_sampling import gather_pixels, uncertain_pixels
+
+TERM_NAMES = (
+    "loss_ce",
+    "loss_mask_bce",
+    "loss_mask_dice",
+    "loss_aux_bce",
+    "loss_aux_dice",
+    "loss_box_l1",
+    "loss_box_giou",
+)
+
+
+class MaskSAMLoss(nn.Module):
+    """``loss_fn(pred, label)`` -> scalar, for MONAI's ``SupervisedTrainer``.
+
+    Args:
+        num_classes: K, classes including background; label values must lie in ``[0, K)``.
+        weight_*: term weights (spec defaults); the matcher uses the same weights as costs.
+        no_object_weight: CE class weight of the "no object" class (index K).
+        num_points: sampled pixels per mask, for matching and for each mask loss.
+        oversample_ratio, importance_sample_ratio: importance sampling of the loss pixels (PointRend).
+        deep_supervision: supervise the two coarser auxiliary heads too.
+        deep_supervision_weights: split of the auxiliary-mask term, finest first.
+        seed: if given, pixel sampling uses a private generator seeded once (reproducible runs);
+            otherwise the global RNG.
+        max_chunk_elements: cap on the transient sampled elements per step (matching, candidate pixels).
+
+    Predictions (train-mode dict of the network):
+        ``pred_logits (B, D, N, K+1)``, ``pred_masks (B, D, N, H, W)`` logits, ``aux_masks`` list of
+        ``(B, D, N, h, w)`` logits finest first (finest at H×W), ``aux_boxes (B, D, N, 4)`` xyxy in [0, 1].
+    Label: ``(B, 1, H, W, D)`` integer-valued (any dtype, MetaTensor fine).
+
+    After each call ``last_terms`` holds detached 0-d tensors: the unweighted terms ``loss_ce``,
+    ``loss_mask_bce``, ``loss_mask_dice``, ``loss_aux_bce``, ``loss_aux_dice`` (deep-supervision-weighted
+    over heads), ``loss_box_l1``, ``loss_box_giou``, and the weighted sum ``loss_total``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight_ce: float = 0.2,
+        weight_mask_bce: float = 1.5,
+        weight_mask_dice: float = 1.5,
+        weight_aux_bce: float = 0.5,
+        weight_aux_dice: float = 0.5,
+        weight_box_l1: float = 0.5,
+        weight_box_giou: float = 0.2,
+        no_object_weight: float = 0.1,
+        num_points: int = 112 * 112,
+        oversample_ratio: float = 2.0,
+        importance_sample_ratio: float = 0.75,
+        deep_supervision: bool = True,
+        deep_supervision_weights: Sequence[float] = (4 / 7, 2 / 7, 1 / 7),
+        seed: Optional[int] = None,
+        max_chunk_elements: int = 2**22,
+    ) -> None:
+        super().__init__()
+        if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
+            raise ValueError("need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1")
+        self.num_classes = num_classes
+        self.weights = {
+            "loss_ce": weight_ce,
+            "loss_mask_bce": weight_mask_bce,
+            "loss_mask_dice": weight_mask_dice,
+            "loss_aux_bce": weight_aux_bce,
+            "loss_aux_dice": weight_aux_dice,
+            "loss_box_l1": weight_box_l1,
+            "loss_box_giou": weight_box_giou,
+        }
+        self.matcher = HungarianMatcher(
+            cost_class=weight_ce,
+            cost_mask_bce=weight_mask_bce,
+            cost_mask_dice=weight_mask_dice,
+            cost_aux_bce=weight_aux_bce,
+            cost_aux_dice=weight_aux_dice,
+            cost_box_l1=weight_box_l1,
+            cost_box_giou=weight_box_giou,
+            num_points=num_points,
+            max_chunk_elements=max_chunk_elements,
+        )
+        class_weights = torch.ones(num_classes + 1)
+        class_weights[num_classes] = no_object_weight  # down-weight the many unmatched queries
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.deep_supervision = deep_supervision
+        self.deep_supervision_weights = tuple(deep_supervision_weights)
+        self.seed = seed
+        self.max_chunk_elements = max_chunk_elements
+        self.last_terms: Dict[str, torch.Tensor] = {}
+        self._generators: Dict[str, torch.Generator] = {}
+
+    def forward(self, pred: Mapping[str, Any], label: torch.Tensor) -> torch.Tensor:
+        device = pred["pred_masks"].device
+        # Float32 throughout (sampled logits are upcast), whatever autocast the trainer runs under.
+        with torch.autocast(device_type=device.type, enabled=False):
+            terms = self._terms(pred, label)
+        total = sum(self.weights[name] * terms[name] for name in TERM_NAMES)
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        self.last_terms["loss_total"] = total.detach()
+        return total
+
+    def _terms(self, pred: Mapping[str, Any], label: torch.Tensor) -> Dict[str, torch.Tensor]:
+        class_logits, masks, aux_levels, boxes = self._slices(pred, label)
+        num_queries = class_logits.shape[1]
+        targets = batch_targets(label.to(masks.device), self.num_classes)
+        generator = self._generator(masks.device)
+
+        matches = self.matcher(class_logits, masks, aux_levels[0], boxes, targets, generator)
+        slice_idx, query_idx, target_idx = _flatten_matches(matches, masks.device)
+        matched_classes = targets.classes[slice_idx, target_idx]  # (M,)
+        num_targets = max(len(slice_idx), 1)
+
+        # Classification: every query; unmatched ones should say "no object" (index K).
+        target_classes = torch.full_like(class_logits[..., 0], self.num_classes, dtype=torch.long)  # (S, N)
+        target_classes[slice_idx, query_idx] = matched_classes
+        loss_ce = F.cross_entropy(
+            class_logits.flatten(0, 1).float(),
+            target_classes.flatten(),
+            weight=self.class_weights.to(class_logits.device),  # the loss module itself may stay on the CPU
+            reduction="sum",
+        )
+
+        # Masks: each matched (slice, query) is one row of the (S·N, h, w) view of a prediction level.
+        rows = slice_idx * num_queries + query_idx
+        mask_bce, mask_dice = self._mask_terms(masks, rows, slice_idx, matched_classes, targets, generator)
+        aux_bce = aux_dice = torch.zeros((), device=masks.device)
+        for level_weight, level_masks in zip(self._level_weights(), aux_levels):
+            level_bce, level_dice = self._mask_terms(level_masks, rows, slice_idx, matched_classes, targets, generator)
+            aux_bce = aux_bce + level_weight * level_bce
+            aux_dice = aux_dice + level_weight * level_dice
+
+        # Boxes: auxiliary (prompt-generator) boxes against the targets' tight boxes.
+        matched_boxes = boxes[slice_idx, query_idx].float()  # (M, 4)
+        target_boxes = targets.boxes[slice_idx, target_idx]
+        loss_l1 = (matched_boxes - target_boxes).abs().sum()
+        loss_giou = generalized_box_iou_loss(matched_boxes, target_boxes, reduction="sum")
+
+        unnormalised = {
+            "loss_ce": loss_ce,
+            "loss_mask_bce": mask_bce,
+            "loss_mask_dice": mask_dice,
+            "loss_aux_bce": aux_bce,
+            "loss_aux_dice": aux_dice,
+            "loss_box_l1": loss_l1,
+            "loss_box_giou": loss_giou,
+        }
+        return {name: value / num_targets for name, value in unnormalised.items()}
+
+    def _mask_terms(
+        self,
+        mask_logits: torch.Tensor,
+        rows: torch.Tensor,
+        slice_idx: torch.Tensor,
+        matched_classes: torch.Tensor,
+        targets: BatchTargets,
+        generator: Optional[torch.Generator],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Summed BCE and Dice of the matched masks of one prediction level on importance-sampled pixels.
+
+        Args:
+            mask_logits: ``(S, N, h, w)`` logits.
+            rows: ``(M,)`` matched rows of the ``(S·N, h, w)`` view; ``slice_idx``, ``matched_classes``: ``(M,)``
+                their slice and class.
+        """
+        mask_logits = mask_logits.flatten(0, 1)  # (S·N, h, w), a view: matched masks are never copied
+        label_maps = downsample_label_maps(targets.label_maps, mask_logits.shape[-2:])  # (S, h, w)
+        pixels = uncertain_pixels(
+            mask_logits,
+            rows,
+            self.num_points,
+            self.oversample_ratio,
+            self.importance_sample_ratio,
+            generator,
+            self.max_chunk_elements,
+        )  # (M, P)
+        logits = gather_pixels(mask_logits, rows, pixels).float()  # (M, P), gradients flow into mask_logits
+        target_masks = (gather_pixels(label_maps, slice_idx, pixels) == matched_classes[:, None]).float()
+        return bce_matched(logits, target_masks).sum(), dice_matched(logits, target_masks).sum()
+
+    def _level_weights(self) -> Tuple[float, ...]:
+        return self.deep_supervision_weights if self.deep_supervision else (1.0,)
+
+    def _slices(
+        self, pred: Mapping[str, Any], label: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """Check shapes against the label and fold (B, D) into S = B·D slices (views, no copies).
+
+        Returns:
+            class logits ``(S, N, K+1)``, final masks ``(S, N, H, W)``, aux masks ``(S, N, h, w)`` finest first,
+            boxes ``(S, N, 4)``.
+        """
+        class_logits, masks, aux_masks, boxes = (
+            pred["pred_logits"], pred["pred_masks"], list(pred["aux_masks"]), pred["aux_boxes"]
+        )
+        if label.ndim != 5 or label.shape[1] != 1:
+            raise ValueError(f"label must have shape (B, 1, H, W, D), got {tuple(label.shape)}")
+        batch, _, height, width, depth = label.shape
+        num_queries = masks.shape[2] if masks.ndim == 5 else -1
+        expected = {
+            "pred_logits": (class_logits, (batch, depth, num_queries, self.num_classes + 1)),
+            "pred_masks": (masks, (batch, depth, num_queries, height, width)),
+            "aux_masks[0]": (aux_masks[0], (batch, depth, num_queries, height, width)),
+            "aux_boxes": (boxes, (batch, depth, num_queries, 4)),
+        }
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)}, expected {shape} for label {tuple(label.shape)} "
+                    f"(B, 1, H, W, D) and num_classes={self.num_classes}"
+                )
+        num_levels = len(self._level_weights())
+        if len(aux_masks) < num_levels:
+            raise ValueError(f"deep supervision needs {num_levels} aux_masks levels, got {len(aux_masks)}")
+        aux_levels = [level.flatten(0, 1) for level in aux_masks[:num_levels]]
+        return class_logits.flatten(0, 1), masks.flatten(0, 1), aux_levels, boxes.flatten(0, 1)
+
+    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device)
+            self._generators[key].manual_seed(self.seed)
+        return self._generators[key]
+
+
+def _flatten_matches(matches: List[Match], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-slice matches -> ``(slice, query, target)`` index tensors ``(M,)``, ordered by slice then target."""
+    slice_idx = torch.cat([torch.full_like(query_idx, s) for s, (query_idx, _) in enumerate(matches)])
+    query_idx = torch.cat([query_idx for query_idx, _ in matches])
+    target_idx = torch.cat([target_idx for _, target_idx in matches])
+    return slice_idx.to(device), query_idx.to(device), target_idx.to(device)
+
+
+__all__ = ["MaskSAMLoss", "TERM_NAMES"]
