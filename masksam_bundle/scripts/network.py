@@ -123,31 +123,65 @@ class MaskSAM(nn.Module):
             )
 
     def forward_sets(
-        self, x: torch.Tensor, points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self,
+        x: torch.Tensor,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        boxes: Optional[torch.Tensor] = None,
     ) -> Dict[str, object]:
         """The set predictions (the train-mode dict) for an input ``(B, C, H, W, D)``.
 
-        ``points`` optionally adds SAM point prompts (pixel coordinates in the SAM frame, labels 1/0) per
-        (b, d, n): ``(coords (B*D*N, P, 2), labels (B*D*N, P))`` — the interactive-correction path.
+        ``points`` optionally adds SAM point prompts (pixel coordinates in the SAM frame, labels 1/0, -1 for
+        padding) per (b, d, n): ``(coords (B*D*N, P, 2), labels (B*D*N, P))``; ``boxes`` optionally replaces
+        box prompts — see :meth:`decode`. Both serve interactive correction (``scripts.interactive``).
+        """
+        return self.decode(self.encode(x), points=points, boxes=boxes)
+
+    def encode(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The prompt-independent part of the forward pass: image embedding and prompt-generator outputs.
+
+        The result can be decoded several times (:meth:`decode`) with different extra prompts without running
+        the image encoder again.
         """
         self.check_input(x)
         b, _, h, w, d = x.shape
-        n = self.num_queries
         image = self.modality_adapter(x.permute(0, 1, 4, 2, 3))  # (B, 3, D, S, S)
         image = image.transpose(1, 2).reshape(b * d, 3, self.sam_size, self.sam_size)
         embedding, features = self.image_encoder(image)
-
         prompts = self.prompt_generator(embedding, features)
-        aux_masks, aux_boxes = prompts["aux_masks"], prompts["aux_boxes"]
+        return {"embedding": embedding, **prompts}
+
+    def decode(
+        self,
+        encoded: Dict[str, torch.Tensor],
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        boxes: Optional[torch.Tensor] = None,
+    ) -> Dict[str, object]:
+        """Prompt the classifying mask decoder with the generated prompts (plus optional user prompts).
+
+        Args:
+            encoded: the output of :meth:`encode`.
+            points: extra SAM point prompts ``(coords (B*D*N, P, 2), labels (B*D*N, P))``, coordinates in
+                SAM-frame pixels (x along the last axis W of a slice, y along H), labels 1 foreground,
+                0 background, -1 padding ("not a point").
+            boxes: ``(B, D, N, 4)`` xyxy SAM-frame pixels replacing the generated box prompt; rows holding
+                NaN keep the generated (MaskAvgBBox) box.
+        """
+        aux_masks, aux_boxes = encoded["aux_masks"], encoded["aux_boxes"]
+        b, d, n, h, w = aux_masks[0].shape
         # Box prompt (MaskAvgBBox) in SAM-frame pixels; the input occupies the frame's top-left S x S.
         boxes_px = mask_avg_box_prompt(aux_masks[0], aux_boxes) * self.sam_size
+        if boxes is not None:
+            if tuple(boxes.shape) != tuple(boxes_px.shape):
+                raise ValueError(f"boxes must have shape {tuple(boxes_px.shape)} (B, D, N, 4), got {tuple(boxes.shape)}")
+            keep = torch.isnan(boxes).any(dim=-1, keepdim=True)
+            boxes_px = torch.where(keep, boxes_px, boxes.to(boxes_px))
         mask_side = 4 * self.grid
         mask_prompt = F.interpolate(
             aux_masks[0].detach().reshape(b * d * n, 1, h, w), size=(mask_side, mask_side), mode="bilinear",
             align_corners=False,
         ).reshape(b, d, n, mask_side, mask_side)
 
-        class_logits, masks = self.decoder(embedding, boxes_px, mask_prompt, prompts["aux_tokens"], points)
+        class_logits, masks = self.decoder(encoded["embedding"], boxes_px, mask_prompt, encoded["aux_tokens"], points)
         if masks.shape[-2:] != (h, w):
             masks = F.interpolate(masks.reshape(b * d, n, mask_side, mask_side), size=(h, w), mode="bilinear",
                                   align_corners=False).reshape(b, d, n, h, w)
