@@ -1,0 +1,218 @@
+"""Checkpoints: the best model as a plain state dict, a resumable last checkpoint, safe loading.
+
+- ``models/model.pt`` (``BestModelSaver``): the network's plain ``state_dict`` (``module.`` prefix of DDP
+  removed) -- what ``monai.bundle ckpt_export``, MONAI Label and ``load_model_weights`` read.
+- ``output_dir/checkpoint_last.pt`` (``ResumableCheckpoint``): network, optimiser, LR scheduler, AMP scaler,
+  trainer position (iteration/epoch), best-metric bookkeeping and the model settings it was trained with.
+  Saved every epoch and, optionally, every ``save_interval_iters`` iterations; loaded at start when
+  ``resume`` is true, so a killed run continues where it stopped.
+
+All files are written atomically (temporary file + ``os.replace``) and read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.io import atomic_torch_save, ensure_writable_dir, safe_torch_load
+
+logger = logging.getLogger("masksam.checkpoint")
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The bare module inside DistributedDataParallel / DataParallel."""
+    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+
+
+def is_rank_zero() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def _describe(keys, limit=5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _extract_state_dict(checkpoint: Any, path: str) -> Mapping[str, torch.Tensor]:
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict")
+    for key in ("network", "model", "state_dict"):  # our last checkpoint / ignite-style single-key dicts
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return checkpoint[key]
+    return checkpoint
+
+
+def check_state_dict(network: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
+                     settings: Optional[Mapping] = None) -> Dict[str, torch.Tensor]:
+    """Return ``state_dict`` (``module.`` prefixes removed) or raise one readable error naming the mismatch."""
+    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    own = unwrap(network).state_dict()
+    missing = set(own) - set(sd)
+    unexpected = set(sd) - set(own)
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs network {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(sd))
+        if hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {path!r} does not match the network"
+                 + (f" built with {dict(settings)}" if settings else "")
+                 + " (another backbone, num_classes, num_queries or patch size?):"]
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s): {_describe(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s): {_describe(unexpected)}")
+        if shapes:
+            lines.append(f"  {len(shapes)} shape mismatch(es): " + "; ".join(shapes[:5]))
+        raise ValueError("\n".join(lines))
+    return sd
+
+
+def load_model_weights(network: torch.nn.Module, path: str, settings: Optional[Mapping] = None) -> torch.nn.Module:
+    """Load a trained ``model.pt`` (plain state dict, or our ``checkpoint_last.pt``) strictly into ``network``."""
+    checkpoint = safe_torch_load(path)
+    if isinstance(checkpoint, Mapping) and settings and isinstance(checkpoint.get("settings"), Mapping):
+        _check_settings(checkpoint["settings"], settings, path)
+    sd = check_state_dict(network, _extract_state_dict(checkpoint, path), path, settings)
+    unwrap(network).load_state_dict(sd, strict=True)
+    logger.info(f"loaded network weights from {path}")
+    return network
+
+
+def _check_settings(saved: Mapping, current: Mapping, path: str) -> None:
+    diffs = [f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}"
+             for k in current if k in saved and _plain(saved[k]) != _plain(current[k])]
+    if diffs:
+        raise ValueError(f"checkpoint {path!r} was trained with other model settings: " + "; ".join(diffs))
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def prepare_training_output(output_dir: str, ckpt_dir: str, resume: bool = False, overwrite: bool = False,
+                            last_name: str = "checkpoint_last.pt", best_name: str = "model.pt") -> str:
+    """Check before any heavy work that the output folders are writable and that a fresh run would not
+    silently replace a previous run's checkpoints. Returns the last-checkpoint path."""
+    ensure_writable_dir(output_dir, "output_dir")
+    ensure_writable_dir(ckpt_dir, "ckpt_dir")
+    last = os.path.join(output_dir, last_name)
+    best = os.path.join(ckpt_dir, best_name)
+    if overwrite:
+        return last
+    if resume and os.path.isfile(last):
+        return last
+    existing = [p for p in (last, best) if os.path.isfile(p)]
+    if existing:
+        hint = "resume=true to continue it, " if os.path.isfile(last) else ""
+        raise FileExistsError(
+            f"a previous run's checkpoint(s) exist: {existing}. Pass {hint}overwrite=true to replace them, "
+            "or choose another output_dir/ckpt_dir."
+        )
+    return last
+
+
+class BestModelSaver:
+    """Attach to the validator: save the network's plain state dict when ``metric_name`` improves."""
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, metric_name: str = "val_mean_dice",
+                 filename: str = "model.pt") -> None:
+        self.path = os.path.join(save_dir, filename)
+        self.network, self.metric_name = network, metric_name
+        self.best_metric, self.best_epoch = -float("inf"), -1
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = engine.state.metrics.get(self.metric_name)
+        if value is None:
+            raise KeyError(f"BestModelSaver: metric {self.metric_name!r} not in {list(engine.state.metrics)}")
+        value = float(value)
+        if value != value or value <= self.best_metric:  # NaN never counts as an improvement
+            return
+        self.best_metric, self.best_epoch = value, int(engine.state.epoch)
+        if is_rank_zero():
+            atomic_torch_save(unwrap(self.network).state_dict(), self.path)
+            logger.info(f"new best {self.metric_name} {value:.4f} at epoch {self.best_epoch}: saved {self.path}")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+
+
+class ResumableCheckpoint:
+    """Attach to the trainer: save ``checkpoint_last.pt`` every epoch (and every ``save_interval_iters``
+    iterations when > 0); when ``resume`` and the file exists, restore everything at ``STARTED``."""
+
+    def __init__(self, path: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler: Optional[Any] = None, best_saver: Optional[BestModelSaver] = None,
+                 resume: bool = False, save_interval_iters: int = 0, settings: Optional[Mapping] = None) -> None:
+        self.path, self.network, self.optimizer, self.lr_scheduler = path, network, optimizer, lr_scheduler
+        self.best_saver, self.resume = best_saver, bool(resume)
+        self.save_interval_iters = int(save_interval_iters or 0)
+        self.settings = {k: _plain(v) for k, v in (settings or {}).items()}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        if self.save_interval_iters > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval_iters), self.save)
+
+    def save(self, engine: Engine) -> None:
+        if not is_rank_zero():
+            return
+        scaler = getattr(engine, "scaler", None)
+        state = {
+            "network": unwrap(self.network).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "trainer": {"iteration": int(engine.state.iteration), "epoch": int(engine.state.epoch),
+                        "epoch_length": int(engine.state.epoch_length), "max_epochs": int(engine.state.max_epochs)},
+            "best": self.best_saver.state_dict() if self.best_saver is not None else None,
+            "settings": self.settings,
+        }
+        atomic_torch_save(state, self.path)
+        logger.info(f"saved {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})")
+
+    def load(self, engine: Engine) -> None:
+        if not self.resume:
+            return
+        if not os.path.isfile(self.path):
+            logger.info(f"resume: no {self.path} yet, starting from scratch")
+            return
+        ck = safe_torch_load(self.path)
+        if not isinstance(ck, Mapping) or "trainer" not in ck or "network" not in ck:
+            raise ValueError(f"{self.path!r} is not a MaskSAM resumable checkpoint (keys: {list(ck)[:10]})")
+        _check_settings(ck.get("settings") or {}, self.settings, self.path)
+        sd = check_state_dict(self.network, ck["network"], self.path, self.settings)
+        unwrap(self.network).load_state_dict(sd, strict=True)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.lr_scheduler is not None and ck.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(ck["lr_scheduler"])
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        if self.best_saver is not None and ck.get("best"):
+            self.best_saver.load_state_dict(ck["best"])
+        saved = ck["trainer"]
+        if int(saved["epoch_length"]) != int(engine.state.epoch_length):
+            raise ValueError(
+                f"{self.path!r} was written with iterations_per_epoch={saved['epoch_length']}, the config now has "
+                f"{engine.state.epoch_length}; resume with the same iterations_per_epoch"
+            )
+        engine.load_state_dict({"iteration": int(saved["iteration"]), "epoch_length": int(saved["epoch_length"]),
+                                "max_epochs": int(engine.state.max_epochs)})
+        logger.info(f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}, "
+                    f"lr {self.optimizer.param_groups[0]['lr']:.3e}")

@@ -1,0 +1,128 @@
+"""Folder/datalist inference: preprocess, sliding window, invert, argmax, NIfTI with the source geometry.
+
+``Predictor.run()`` processes every image independently: a file that cannot be read or predicted is
+reported and skipped, the others are written, and the run ends with an error listing the failures (so the
+command exits non-zero). Outputs are ``<output_dir>/<input name><output_postfix>.nii.gz``; existing outputs
+are refused before any work unless ``overwrite`` is set; each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from scripts.checkpointing import load_model_weights
+from scripts.data import strip_nifti_suffix
+from scripts.io import atomic_write, ensure_writable_dir
+
+logger = logging.getLogger("masksam.inference")
+
+
+def output_path(image: str, output_dir: str, postfix: str = "_seg") -> str:
+    return os.path.join(output_dir, f"{strip_nifti_suffix(image)}{postfix}.nii.gz")
+
+
+def write_label_nifti(label: np.ndarray, reference: str, path: str, dtype=np.uint8) -> str:
+    """Write ``label`` (spatial array) with the affine and header geometry of ``reference``, atomically.
+
+    The label must have the reference's spatial shape (first three axes)."""
+    ref = nib.load(reference)
+    ref_shape = tuple(ref.shape[:3])
+    label = np.asarray(label)
+    if tuple(label.shape) != ref_shape:
+        raise ValueError(f"prediction shape {tuple(label.shape)} differs from the input {reference} {ref_shape}")
+    header = ref.header.copy()
+    header.set_data_dtype(dtype)
+    if len(ref.shape) > 3:  # multi-channel input: the label map is 3D
+        header.set_data_shape(ref_shape)
+    img = nib.Nifti1Image(label.astype(dtype), ref.affine, header=header)
+    img.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
+    img.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
+    img.header.set_slope_inter(1.0, 0.0)
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
+
+
+class Predictor:
+    """Run a trained network over a list of images (``[{"image": path}, ...]``).
+
+    Args:
+        network: the network (weights loaded from ``checkpoint`` when given).
+        preprocessing: dict transform producing ``data["image"]`` (C, H, W, D) MetaTensor.
+        inferer: e.g. ``SlidingWindowInferer`` with the training patch.
+        postprocessing: dict transform on ``{"image", "pred"}`` that inverts the preprocessing
+            (``Invertd``) and takes the argmax; ``data["pred"]`` must end as (1, H, W, D) in input space.
+        data: the images to predict.
+        output_dir: where label maps are written.
+        checkpoint: trained weights (``models/model.pt``); ``None`` uses the network as it is.
+        overwrite: replace existing outputs (otherwise they are refused before any work).
+    """
+
+    def __init__(self, network: torch.nn.Module, preprocessing: Callable, inferer: Callable,
+                 postprocessing: Callable, data: Sequence[Dict], output_dir: str,
+                 checkpoint: Optional[str] = None, device="cpu", overwrite: bool = False,
+                 output_postfix: str = "_seg", amp: bool = False, settings: Optional[Dict] = None) -> None:
+        self.network, self.preprocessing, self.inferer = network, preprocessing, inferer
+        self.postprocessing, self.data, self.output_dir = postprocessing, list(data), str(output_dir)
+        self.checkpoint, self.device, self.overwrite = checkpoint, torch.device(device), bool(overwrite)
+        self.output_postfix, self.amp, self.settings = output_postfix, bool(amp), settings
+
+    def plan(self) -> List[tuple]:
+        """(input, output) pairs; refuses outputs that exist or that would replace an input."""
+        ensure_writable_dir(self.output_dir, "output_dir")
+        pairs = [(d["image"], output_path(d["image"], self.output_dir, self.output_postfix)) for d in self.data]
+        outputs = [o for _, o in pairs]
+        dup = sorted({o for o in outputs if outputs.count(o) > 1})
+        if dup:
+            raise ValueError(f"several inputs would write the same output file: {dup}")
+        clobber = [o for i, o in pairs if os.path.abspath(i) == os.path.abspath(o)]
+        if clobber:
+            raise ValueError(f"outputs would replace input images: {clobber}; choose another output_dir/postfix")
+        existing = [o for o in outputs if os.path.exists(o)]
+        if existing and not self.overwrite:
+            raise FileExistsError(
+                f"{len(existing)} output file(s) already exist, e.g. {existing[:5]}; pass overwrite=true to "
+                "replace them or choose another output_dir"
+            )
+        return pairs
+
+    def predict_one(self, image: str) -> np.ndarray:
+        data = self.preprocessing({"image": image})
+        x = data["image"].unsqueeze(0).to(self.device)
+        with torch.no_grad(), torch.autocast("cuda", enabled=self.amp and self.device.type == "cuda"):
+            pred = self.inferer(x, self.network)
+        data["pred"] = pred[0].float().cpu()
+        data["image"] = data["image"].cpu()
+        data = self.postprocessing(data)
+        label = torch.as_tensor(data["pred"]).squeeze(0)
+        return label.cpu().numpy()
+
+    def run(self) -> List[str]:
+        pairs = self.plan()
+        if self.checkpoint:
+            load_model_weights(self.network, self.checkpoint, self.settings)
+        self.network.eval()
+        written, failures = [], []
+        start = time.perf_counter()
+        for i, (image, out) in enumerate(pairs, 1):
+            t0 = time.perf_counter()
+            try:
+                label = self.predict_one(image)
+                write_label_nifti(label, image, out)
+            except Exception as e:  # report, skip, carry on with the other images
+                failures.append(f"{image}: {type(e).__name__}: {e}")
+                logger.error(f"[{i}/{len(pairs)}] FAILED {image}: {type(e).__name__}: {e}")
+                continue
+            written.append(out)
+            labels = np.unique(label).astype(int).tolist()
+            logger.info(f"[{i}/{len(pairs)}] {image} -> {out} shape {tuple(label.shape)} labels {labels} "
+                        f"({time.perf_counter() - t0:.1f} s)")
+        logger.info(f"inference: {len(written)} written, {len(failures)} failed in {time.perf_counter() - start:.1f} s")
+        if failures:
+            raise RuntimeError(f"{len(failures)} of {len(pairs)} image(s) failed:\n  " + "\n  ".join(failures))
+        return written
