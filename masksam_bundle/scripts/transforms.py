@@ -108,6 +108,28 @@ class ValidateSampled(MapTransform):
         return d
 
 
+class SafeSpacingd(Spacingd):
+    """``Spacingd`` that ignores non-dict entries named ``<key>_*``.
+
+    With monai 1.6.1, ``Spacingd`` copies the resampled image's metadata into every data key that starts with
+    ``"<key>_"`` (meant for ``image_meta_dict``). MONAI Label puts the image's file path, a string, under
+    ``image_path``, so plain ``Spacingd`` crashes there with ``'str' object has no attribute 'update'``. Those
+    entries are set aside during the call and put back unchanged; everything else is ``Spacingd``.
+    """
+
+    def __call__(self, data, lazy=None):
+        d = dict(data)
+        aside = {
+            k: d.pop(k)
+            for k in list(d.keys())
+            if isinstance(k, str) and not isinstance(d[k], dict)
+            and any(k.startswith(f"{key}_") for key in self.keys)
+        }
+        out = super().__call__(d, lazy=lazy)
+        out.update(aside)
+        return out
+
+
 def deterministic_transforms(
     keys: Sequence[str] = ("image", "label"),
     patch_size: Optional[Sequence[int]] = None,
@@ -145,7 +167,7 @@ def deterministic_transforms(
     if orientation:
         xforms.append(Orientationd(keys=keys, axcodes=orientation))
     if pixdim:
-        xforms.append(Spacingd(keys=keys, pixdim=list(pixdim), mode=image_only_modes))
+        xforms.append(SafeSpacingd(keys=keys, pixdim=list(pixdim), mode=image_only_modes))
     if intensity is not None:
         xforms.append(intensity)
     xforms.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
