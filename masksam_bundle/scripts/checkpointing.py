@@ -186,6 +186,23 @@ class ResumableCheckpoint:
         atomic_torch_save(state, self.path)
         logger.info(f"saved {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})")
 
+    def _restore_schedule_position(self, saved: Mapping) -> None:
+        """Take the position (step count) from the checkpoint but the schedule itself (base LR, total_iters,
+        power) from the current config, so that resuming with a larger max_epochs extends the poly decay
+        instead of keeping the LR at the old run's end value."""
+        sched = self.lr_scheduler
+        for key in ("last_epoch", "_step_count"):
+            if key in saved:
+                setattr(sched, key, saved[key])
+        closed_form = getattr(sched, "_get_closed_form_lr", None)
+        if closed_form is not None:
+            lrs = closed_form()
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = list(lrs)
+        else:  # no closed form: keep the LRs the optimizer state carried
+            sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def load(self, engine: Engine) -> None:
         if not self.resume:
             return
@@ -200,7 +217,7 @@ class ResumableCheckpoint:
         unwrap(self.network).load_state_dict(sd, strict=True)
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.lr_scheduler is not None and ck.get("lr_scheduler") is not None:
-            self.lr_scheduler.load_state_dict(ck["lr_scheduler"])
+            self._restore_schedule_position(ck["lr_scheduler"])
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])

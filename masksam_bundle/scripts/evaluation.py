@@ -76,7 +76,7 @@ def overlay_png(image2d: np.ndarray, gt2d: np.ndarray, pred2d: np.ndarray, path:
         mask = (label > 0)[..., None]
         return np.where(mask, (1 - alpha) * gray + alpha * color, gray)
 
-    panel = np.concatenate([gray, blend(gt2d), blend(pred2d)], axis=1)
+    panel = np.concatenate([gray, blend(gt2d), blend(pred2d)], axis=0)  # side by side along X
     # array axes are (X, Y): show X horizontally as radiologists' viewers do for axial slices
     panel = np.transpose(panel, (1, 0, 2)).clip(0, 255).astype(np.uint8)
     im = Image.fromarray(panel)

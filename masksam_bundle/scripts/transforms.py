@@ -99,7 +99,8 @@ class ValidateSampled(MapTransform):
                 )
             if self.num_classes is not None:
                 values = torch.unique(torch.as_tensor(label))
-                bad_values = [v for v in values.tolist() if v < 0 or v >= self.num_classes or v != int(v)]
+                bad_values = [int(v) if v == int(v) else v for v in values.tolist()
+                              if v < 0 or v >= self.num_classes or v != int(v)]
                 if bad_values:
                     raise ValueError(
                         f"{label_file}: label values {bad_values[:20]} are outside 0..{self.num_classes - 1} "
