@@ -1,0 +1,96 @@
+"""Smoke tests of the benchmark scripts (bench/): each runs end to end at a tiny size so it cannot rot.
+
+They check the JSON each script writes (keys present, figures positive, Dice in [0, 1]), not the speed: the
+figures themselves live in masksam_bundle/docs/benchmarks.md.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH = REPO_ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def _run(script: str, *args: str, timeout: int = 120) -> None:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def _positive(record: dict, keys) -> None:
+    for key in keys:
+        assert isinstance(record.get(key), (int, float)) and record[key] > 0, (key, record.get(key))
+
+
+def test_nnunet_like_plan_and_window_count():
+    from common import nnunet_like_plan
+    from monai.data.utils import dense_patch_slices
+    from speed_memory import sliding_windows
+
+    plan = nnunet_like_plan((256, 256, 4))
+    # In-plane pooled 5 times (256 -> 8), the 4-slice depth never (it would drop below 4).
+    assert plan["strides"] == [[1, 1, 1]] + [[2, 2, 1]] * 5
+    assert plan["filters"] == [32, 64, 128, 256, 320, 320]
+    assert nnunet_like_plan((512, 512, 9))["strides"][1] == [2, 2, 2]
+    for volume, roi in [((256, 256, 10), (256, 256, 4)), ((512, 512, 148), (256, 256, 26)), ((64, 96, 4), (64, 64, 2))]:
+        interval = [max(int(r * 0.5), 1) for r in roi]
+        assert sliding_windows(volume, roi) == len(dense_patch_slices(volume, roi, interval))
+
+
+def test_speed_memory_tiny(tmp_path):
+    out = tmp_path / "speed.json"
+    _run("speed_memory.py", "--plan", "tiny", "--inprocess", "--repeats", "1", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert {"environment", "args", "results", "ratios_to_dynunet", "elapsed_s"} <= set(data)
+    by_model = {r["model"]: r for r in data["results"]}
+    assert set(by_model) == {"dynunet", "swinunetr", "vit_t"}
+    for name, r in by_model.items():
+        if name == "swinunetr" and r["status"] == "not applicable":
+            assert "einops" in r["reason"]  # the optional MONAI dependency is missing here
+            continue
+        assert r["status"] == "ok", r
+        _positive(r, ["infer_patch_s", "train_step_s", "infer_volume_s", "peak_infer_gib", "peak_train_gib",
+                      "params_total_m", "volume_windows"])
+    ratios = data["ratios_to_dynunet"]["tiny/vit_t"]
+    _positive(ratios, ["infer_patch_s", "train_step_s", "infer_volume_s"])
+
+
+def test_dice_acdc_tiny(tmp_path, acdc_dir):
+    out = tmp_path / "dice.json"
+    _run("dice_acdc.py", "--tiny", "--train-seconds", "3", "--data-dir", str(acdc_dir), "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["val_volumes"] == 1 and data["train_volumes"] == 4
+    assert set(data["models"]) == {"vit_t", "dynunet"}
+    for r in data["models"].values():
+        assert r["iterations"] >= 1
+        _positive(r, ["train_wall_s", "eval_wall_s", "peak_train_gib"])
+        assert set(r["dice"]) == {"RV", "Myo", "LV", "mean"}
+        assert all(0.0 <= v <= 1.0 for v in r["dice"].values()), r["dice"]
+        assert len(r["per_case"]) == 1
+
+
+def test_gpu_figures_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    _run("gpu_figures.py", "--device", "cpu", "--tiny", "--repeats", "1", "--json", str(out))
+    data = json.loads(out.read_text())
+    results = data["results"]
+    assert {"vit_t fp32", "vit_t amp", "dynunet fp32", "dynunet amp", "vit_t amp+checkpoint"} <= set(results)
+    for label, r in results.items():
+        _positive(r, ["train_iters_per_s", "train_slices_per_s", "peak_train_gib"])
+        if "checkpoint" not in label:
+            _positive(r, ["infer_patch_s", "infer_volume_s"])
+    _positive(data["ratios_to_dynunet"]["vit_t fp32"], ["train_step_s", "infer_volume_s"])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_figures_tiny_on_cuda(tmp_path):
+    out = tmp_path / "gpu.json"
+    _run("gpu_figures.py", "--tiny", "--repeats", "1", "--json", str(out))
+    assert json.loads(out.read_text())["environment"]["gpu"]
