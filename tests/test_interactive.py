@@ -33,14 +33,18 @@ class FakeNet(torch.nn.Module):
 
     def encode(self, x):
         assert x.shape[1:] == (1, self.image_size, self.image_size, self.num_slices)
-        return {"x": x}
+        b, d, n = x.shape[0], self.num_slices, self.num_queries
+        ids = torch.arange(n, dtype=torch.float32).reshape(1, 1, n, 1).expand(b, d, n, 1)  # query ids ride along
+        return {"embedding": x, "aux_masks": [torch.zeros(b, d, n, 1, 1)], "aux_boxes": torch.zeros(b, d, n, 4),
+                "aux_tokens": ids}
 
     def decode(self, encoded, points=None, boxes=None):
-        b, h, d, n = encoded["x"].shape[0], self.image_size, self.num_slices, self.num_queries
-        self.calls.append((points, boxes))
+        ids = encoded["aux_tokens"][0, 0, :, 0].long().tolist()  # the (possibly subset of) queries decoded
+        b, h, d, n = encoded["embedding"].shape[0], self.image_size, self.num_slices, len(ids)
+        self.calls.append((points, boxes, ids))
         logits = torch.full((b, d, n, self.num_classes + 1), -10.0)
-        for q in range(n):
-            logits[:, :, q, q + 1] = 10.0
+        for q, query in enumerate(ids):
+            logits[:, :, q, query + 1] = 10.0
         masks = torch.full((b, d, n, h, h), -10.0)
         rows, cols = torch.meshgrid(torch.arange(h).float(), torch.arange(h).float(), indexing="ij")
         s = self.sam_size / h
@@ -85,11 +89,14 @@ def test_points_reach_the_right_voxel_and_query():
     assert res.region[..., 4].all() and not res.region[..., [0, 1, 2, 3, 5]].any()
     on = torch.nonzero(res.mask).tolist()
     assert [3, 11, 4] in on and all(z == 4 and abs(i - 3) <= 1 and abs(j - 11) <= 1 for i, j, z in on)
-    # The background click went in as label 0 to the same query; other queries got padding (-1) only.
-    coords, labels = net.calls[-1][0]
-    labels = labels.reshape(1, 4, 3, -1)
-    assert sorted(labels[0, 4 - 2, 1].tolist()) == [0, 1]  # window starts at slice 2 -> local slice 2
-    assert (labels[0, :, [0, 2]] == -1).all() and (labels[0, [0, 1, 3]] == -1).all()
+    # First pass: all queries, no prompts. Second pass: only query 1 (class 2), with the clicks on slice 4
+    # (window starts at slice 2 -> local slice 2): foreground 1, background 0, padding -1 elsewhere.
+    assert net.calls[0][0] is None and net.calls[0][2] == [0, 1, 2]
+    (coords, labels), _, ids = net.calls[-1]
+    assert ids == [1]
+    labels = labels.reshape(1, 4, 1, -1)
+    assert sorted(labels[0, 4 - 2, 0].tolist()) == [0, 1]
+    assert (labels[0, [0, 1, 3]] == -1).all()
 
 
 def test_box_override_and_padding_offsets():
@@ -163,6 +170,12 @@ def test_real_network_prompts_change_only_the_target_on_clicked_slices():
         boxes[0, 1, 2] = torch.tensor([5.0, 5.0, 30.0, 30.0])
         boxed = net.decode(enc, boxes=boxes)
         assert not torch.allclose(boxed["pred_masks"][0, 1, 2], plain["pred_masks"][0, 1, 2])
+        # Queries are decoded independently: a subset decode gives the same masks and classes.
+        from scripts.interactive import _query_subset
+
+        sub = net.decode(_query_subset(enc, [2]))
+        torch.testing.assert_close(sub["pred_masks"][:, :, 0], plain["pred_masks"][:, :, 2], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sub["pred_logits"][:, :, 0], plain["pred_logits"][:, :, 2], atol=1e-4, rtol=1e-4)
         with pytest.raises(ValueError, match="boxes must have shape"):
             net.decode(enc, boxes=torch.zeros(1, 2, 3))
 

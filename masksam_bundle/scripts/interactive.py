@@ -7,8 +7,9 @@ prompts added to the generated ones. For a target label ``k`` and the slices the
    in-plane windows that hold the clicks or the box); the image encoder and prompt generator run once;
 2. per clicked slice, the query whose class is ``k`` (argmax over queries of the class-``k`` probability of the
    prompt-free pass) is selected;
-3. that query is decoded again with the slice's clicks as point prompts (foreground 1, background 0; other
-   queries get SAM's "not a point" padding) and, if given, the box replacing its box prompt;
+3. that query is decoded again (only the selected queries: the decoder never mixes queries) with the slice's
+   clicks as point prompts (foreground 1, background 0, SAM's "not a point" padding elsewhere) and, if
+   given, the box replacing its box prompt;
 4. the new mask (sigmoid > threshold, averaged where windows overlap) replaces label ``k`` on those slices:
    background voxels newly inside become ``k``, voxels of ``k`` now outside become background, voxels of other
    labels never change (``protect_other_labels=True``). A click is a hard constraint on its own voxel
@@ -229,13 +230,29 @@ def predict_target_mask(
                             queries={int(z) - int(offset[2]): n for z, n in queries.items()})
 
 
+def _query_subset(encoded: Dict[str, object], queries: Sequence[int]) -> Dict[str, object]:
+    """The encoder output restricted to some queries: the mask decoder treats queries independently (its
+    adapters mix slices of one query, never queries), so decoding a subset gives the same masks, cheaper."""
+    q = list(queries)
+    return {
+        "embedding": encoded["embedding"],
+        "aux_masks": [a[:, :, q] for a in encoded["aux_masks"]],
+        "aux_boxes": encoded["aux_boxes"][:, :, q],
+        "aux_tokens": encoded["aux_tokens"][:, :, q],
+    }
+
+
 def _decode_chunk(net, x, chunk, target, fg_p, bg_p, box_p, queries) -> torch.Tensor:
     """One batch of windows -> ``(B, H, W, D)`` target probabilities of the prompted query."""
-    b, hp, dp, n = x.shape[0], int(net.image_size), int(net.num_slices), int(net.num_queries)
+    b, hp, dp = x.shape[0], int(net.image_size), int(net.num_slices)
     encoded = net.encode(x)
     plain = net.decode(encoded)
     class_prob = plain["pred_logits"].float().softmax(-1)[..., target]  # (B, D, N)
     chosen = class_prob.argmax(-1)  # (B, D)
+    # Only the selected queries are decoded again, with the prompts.
+    subset = sorted(set(chosen.flatten().tolist()))
+    local = torch.tensor([subset.index(int(v)) for v in chosen.flatten().tolist()], device=x.device).reshape(b, dp)
+    n = len(subset)
 
     # Per (b, d): the window-local clicks of that slice.
     per_set: Dict[Tuple[int, int], List[Tuple[float, float, int]]] = {}
@@ -256,8 +273,8 @@ def _decode_chunk(net, x, chunk, target, fg_p, bg_p, box_p, queries) -> torch.Te
                 if boxes is None:
                     boxes = torch.full((b, dp, n, 4), float("nan"), device=x.device)
                 # Pixel edges, x along columns (j), y along rows (i): the box_ops convention, in frame pixels.
-                boxes[bi, d, chosen[bi, d]] = torch.tensor([j0 * s, i0 * s, (j1 + 1) * s, (i1 + 1) * s],
-                                                           device=x.device, dtype=torch.float32)
+                boxes[bi, d, local[bi, d]] = torch.tensor([j0 * s, i0 * s, (j1 + 1) * s, (i1 + 1) * s],
+                                                          device=x.device, dtype=torch.float32)
 
     points = None
     num_points = max((len(v) for v in per_set.values()), default=0)
@@ -265,15 +282,15 @@ def _decode_chunk(net, x, chunk, target, fg_p, bg_p, box_p, queries) -> torch.Te
         coords = torch.zeros((b, dp, n, num_points, 2), device=x.device)
         labels = torch.full((b, dp, n, num_points), -1, dtype=torch.int64, device=x.device)
         for (bi, d), pts in per_set.items():
-            q = int(chosen[bi, d])
+            q = int(local[bi, d])
             ij = torch.tensor([[p[0], p[1]] for p in pts], dtype=torch.float32, device=x.device)
             coords[bi, d, q, : len(pts)] = voxel_to_frame(ij[:, 0], ij[:, 1], hp, net.sam_size)
             labels[bi, d, q, : len(pts)] = torch.tensor([p[2] for p in pts], device=x.device)
         points = (coords.reshape(b * dp * n, num_points, 2), labels.reshape(b * dp * n, num_points))
 
-    prompted = net.decode(encoded, points=points, boxes=boxes)
-    masks = prompted["pred_masks"].float().sigmoid()  # (B, D, N, H, W)
-    index = chosen[:, :, None, None, None].expand(-1, -1, 1, *masks.shape[-2:])
+    prompted = net.decode(_query_subset(encoded, subset), points=points, boxes=boxes)
+    masks = prompted["pred_masks"].float().sigmoid()  # (B, D, n, H, W)
+    index = local[:, :, None, None, None].expand(-1, -1, 1, *masks.shape[-2:])
     target_prob = masks.gather(2, index)[:, :, 0]  # (B, D, H, W)
     return target_prob.permute(0, 2, 3, 1).cpu()  # (B, H, W, D)
 
