@@ -57,7 +57,7 @@ def colorize(label2d: np.ndarray) -> np.ndarray:
     rgb = np.zeros(label2d.shape + (3,), dtype=np.uint8)
     for k in np.unique(label2d):
         if k > 0:
-            rgb[label2d == k] = PALETTE[int(k) % len(PALETTE)] if k < len(PALETTE) else PALETTE[1 + int(k) % 11]
+            rgb[label2d == k] = PALETTE[1 + (int(k) - 1) % (len(PALETTE) - 1)]
     return rgb
 
 
@@ -83,13 +83,7 @@ def overlay_png(image2d: np.ndarray, gt2d: np.ndarray, pred2d: np.ndarray, path:
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
 
-    def _write(tmp):
-        with open(tmp, "wb") as f:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            f.write(buf.getvalue())
-
-    return atomic_write(path, _write)
+    return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 class EvaluationReport:
