@@ -13,6 +13,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .adapters import DConvAdapter
@@ -37,8 +38,6 @@ class AdaptedViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h, w, C)``."""
-        from segment_anything.modeling.image_encoder import window_partition, window_unpartition
-
         blk = self.block
         shortcut = x
         x = blk.norm1(x)
