@@ -110,7 +110,7 @@ def nnunet_like_plan(patch: Sequence[int], max_pools: int = 5, min_side: int = 4
                      max_filters: int = 320) -> Dict:
     """DynUNet topology the way nnU-Net plans it for a patch (voxel space, isotropic spacing assumed).
 
-    Pool an axis while the feature map stays >= ``min_side`` after pooling, at most ``max_pools`` times;
+    Pool an axis while its side is even and stays >= ``min_side`` after pooling, at most ``max_pools`` times;
     kernel 3 everywhere, filters 32 doubling per stage capped at 320, transposed-conv upsampling with the
     stride of the stage.
     """
@@ -118,7 +118,9 @@ def nnunet_like_plan(patch: Sequence[int], max_pools: int = 5, min_side: int = 4
     strides: List[List[int]] = [[1] * len(sizes)]
     pools = [0] * len(sizes)
     while len(strides) <= max_pools:
-        step = [2 if sizes[a] // 2 >= min_side and pools[a] < max_pools else 1 for a in range(len(sizes))]
+        # An odd side is not pooled further (the decoder's x2 upsampling must give the skip's size back).
+        step = [2 if sizes[a] % 2 == 0 and sizes[a] // 2 >= min_side and pools[a] < max_pools else 1
+                for a in range(len(sizes))]
         if all(s == 1 for s in step):
             break
         strides.append(step)

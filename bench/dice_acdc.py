@@ -117,6 +117,25 @@ def build(model_name: str, args):
                                                               **model.parameter_counts()}
 
 
+def start_rss_guard(limit_gib: float, output: Dict, json_path: Optional[str]) -> None:
+    """Stop this process (after saving what was measured) if its RSS passes ``limit_gib``, instead of letting
+    the kernel's OOM killer pick a process on a shared machine."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while True:
+            rss = PeakMemory.rss_bytes() / 1024**3
+            if rss > limit_gib:
+                output["stopped"] = f"process RSS {rss:.1f} GiB passed the {limit_gib:.1f} GiB guard"
+                write_json(json_path, output)
+                log(f"dice_acdc: {output['stopped']}; stopping")
+                os._exit(3)
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def plain(x: torch.Tensor) -> torch.Tensor:
     """MetaTensor -> torch.Tensor (the batch's metadata is not needed here and MetaTensor slicing of a batch
     with per-crop metadata fails inside the set criterion)."""
@@ -229,6 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="CI smoke size: vit_t, 64x64x2 patch, seconds of training")
+    ap.add_argument("--max-rss-gib", type=float, help="stop if this process passes it (default 80%% of free RAM)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -266,6 +286,11 @@ def main(argv=None) -> int:
     output = {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "train_volumes": len(train_items), "val_volumes": len(val_items),
               "val_patients": len({Path(d["image"]).name.split("_")[0] for d in val_items}), "models": {}}
+    from speed_memory import available_gib
+
+    max_rss = args.max_rss_gib or round(0.8 * available_gib(), 1)
+    output["max_rss_gib"] = max_rss
+    start_rss_guard(max_rss, output, args.json)
     log(f"dice_acdc: {args.models} | train {len(train_items)} volumes, {args.train_seconds:.0f} s"
         f"{f' / {args.max_iters} iters' if args.max_iters else ''} per model | eval {len(val_items)} volumes "
         f"({output['val_patients']} patients), overlap {args.sw_overlap} | load {env.get('load_avg_1_5_15')}")

@@ -38,7 +38,9 @@ def test_nnunet_like_plan_and_window_count():
     # In-plane pooled 5 times (256 -> 8), the 4-slice depth never (it would drop below 4).
     assert plan["strides"] == [[1, 1, 1]] + [[2, 2, 1]] * 5
     assert plan["filters"] == [32, 64, 128, 256, 320, 320]
-    assert nnunet_like_plan((512, 512, 9))["strides"][1] == [2, 2, 2]
+    # Synapse: depth 26 pooled once (13 is odd); AMOS: depth 9 never.
+    assert [s[2] for s in nnunet_like_plan((256, 256, 26))["strides"]] == [1, 2, 1, 1, 1, 1]
+    assert [s[2] for s in nnunet_like_plan((512, 512, 9))["strides"]] == [1] * 6
     for volume, roi in [((256, 256, 10), (256, 256, 4)), ((512, 512, 148), (256, 256, 26)), ((64, 96, 4), (64, 64, 2))]:
         interval = [max(int(r * 0.5), 1) for r in roi]
         assert sliding_windows(volume, roi) == len(dense_patch_slices(volume, roi, interval))
