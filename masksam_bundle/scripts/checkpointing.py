@@ -231,5 +231,7 @@ class ResumableCheckpoint:
             )
         engine.load_state_dict({"iteration": int(saved["iteration"]), "epoch_length": int(saved["epoch_length"]),
                                 "max_epochs": int(engine.state.max_epochs)})
+        restored = sum(1 for state in self.optimizer.state.values() if state)
         logger.info(f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}, "
-                    f"lr {self.optimizer.param_groups[0]['lr']:.3e}")
+                    f"lr {self.optimizer.param_groups[0]['lr']:.3e}, optimizer state for {restored} parameter(s), "
+                    f"lr_scheduler step {getattr(self.lr_scheduler, 'last_epoch', None)}")

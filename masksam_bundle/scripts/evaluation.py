@@ -86,6 +86,17 @@ def overlay_png(image2d: np.ndarray, gt2d: np.ndarray, pred2d: np.ndarray, path:
     return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
+def prepare_evaluation_output(output_dir: str, overwrite: bool = False) -> str:
+    """Before the network, checkpoint and data are loaded: ``output_dir`` must be writable and must not hold a
+    previous report (unless ``overwrite``). ``EvaluationReport`` checks again when the evaluator starts."""
+    ensure_writable_dir(output_dir, "output_dir")
+    existing = [os.path.join(output_dir, n) for n in ("metrics.json", "metrics.csv")
+                if os.path.exists(os.path.join(output_dir, n))]
+    if existing and not overwrite:
+        raise FileExistsError(f"evaluation report exists: {existing}; pass overwrite=true or another output_dir")
+    return str(output_dir)
+
+
 class EvaluationReport:
     """Collect per-case metrics while the evaluator runs; write the report when it completes.
 

@@ -48,6 +48,14 @@ def write_label_nifti(label: np.ndarray, reference: str, path: str, dtype=np.uin
     return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
+def describe_error(error: BaseException) -> str:
+    """``Type: message`` of the error that matters: MONAI's ``Compose`` wraps a transform's error in
+    ``RuntimeError('applying transform <...>')``; the cause is what the user needs to read."""
+    while error.__cause__ is not None and str(error).startswith("applying transform"):
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
 class Predictor:
     """Run a trained network over a list of images (``[{"image": path}, ...]``).
 
@@ -115,8 +123,8 @@ class Predictor:
                 label = self.predict_one(image)
                 write_label_nifti(label, image, out)
             except Exception as e:  # report, skip, carry on with the other images
-                failures.append(f"{image}: {type(e).__name__}: {e}")
-                logger.error(f"[{i}/{len(pairs)}] FAILED {image}: {type(e).__name__}: {e}")
+                failures.append(f"{image}: {describe_error(e)}")
+                logger.error(f"[{i}/{len(pairs)}] FAILED {image}: {describe_error(e)}")
                 continue
             written.append(out)
             labels = np.unique(label).astype(int).tolist()

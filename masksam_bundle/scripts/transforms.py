@@ -109,6 +109,32 @@ class ValidateSampled(MapTransform):
         return d
 
 
+class _NamedLoader:
+    """Wrap ``LoadImage`` so that any read error names the file (a truncated ``.nii.gz`` otherwise fails with a
+    bare ``EOFError: Compressed file ended before the end-of-stream marker was reached``)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __call__(self, filename, reader=None):
+        try:
+            return self.loader(filename, reader)
+        except Exception as e:
+            raise ValueError(f"{filename}: cannot be read ({type(e).__name__}: {e}); the file may be truncated "
+                             "or corrupt, or not a NIfTI image") from e
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+class NamedLoadImaged(LoadImaged):
+    """``LoadImaged`` whose read errors name the file (see ``_NamedLoader``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._loader = _NamedLoader(self._loader)
+
+
 class SafeSpacingd(Spacingd):
     """``Spacingd`` that ignores non-dict entries named ``<key>_*``.
 
@@ -160,7 +186,7 @@ def deterministic_transforms(
     label_key = "label" if "label" in keys else None
     image_only_modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     xforms: List = [
-        LoadImaged(keys=keys, image_only=True),
+        NamedLoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
         ValidateSampled("image", label_key, num_classes=num_classes, in_channels=in_channels,
                         fix_nonfinite=fix_nonfinite),
