@@ -335,6 +335,11 @@ def test_truncated_nifti_in_a_training_case_names_the_file(tmp_path):
         Compose(deterministic_transforms(num_classes=4, patch_size=[8, 8, 4]))({"image": str(image), "label": label})
     assert re.search(r"img.nii.gz: cannot be read \(EOFError: .*truncated", chain_error(err, ValueError))
 
+    load = deterministic_transforms(keys=["image"])[0]
+    load._loader.image_only = False  # what MONAI Label's BundleInferTask does: reaches the wrapped LoadImage
+    out = load({"image": label})
+    assert out["image"].shape == (30, 30, 6) and "image_meta_dict" in out
+
 
 # ------------------------------------------------------------------- output folders before heavy work
 

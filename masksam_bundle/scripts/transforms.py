@@ -126,6 +126,12 @@ class _NamedLoader:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
+    def __setattr__(self, name, value):  # e.g. MONAI Label sets ``_loader.image_only = False``
+        if name == "loader":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.loader, name, value)
+
 
 class NamedLoadImaged(LoadImaged):
     """``LoadImaged`` whose read errors name the file (see ``_NamedLoader``)."""
