@@ -226,6 +226,10 @@ def test_checkpoint_of_another_k_or_backbone_names_the_mismatch(tmp_path):
     msg = str(err.value)
     assert "k3.pt" in msg and "'num_classes': 4" in msg and "shape mismatch" in msg
     assert "checkpoint (4," in msg and "vs network (5," in msg  # K (+ no-object) rows of the class head
+    assert "likely cause: num_classes (K): checkpoint 3 vs network 4" in msg
+    torch.save(MaskSAM(**{**TINY_NET, "num_queries": 8}).state_dict(), tmp_path / "n8.pt")
+    with pytest.raises(ValueError, match=r"(?s)n8.pt.*likely cause: num_queries \(N\): checkpoint 8 vs network 4"):
+        load_model_weights(net, str(tmp_path / "n8.pt"))
     assert len(msg) < 2000 and "tensor(" not in msg  # a summary, not a state-dict dump
 
     lite = MaskSAM(**{**TINY_NET, "backbone": "lite_medsam", "image_size": 256})
@@ -234,6 +238,7 @@ def test_checkpoint_of_another_k_or_backbone_names_the_mismatch(tmp_path):
         load_model_weights(net, str(tmp_path / "lite.pt"))
     msg = str(err.value)
     assert "lite.pt" in msg and "missing key(s)" in msg and "unexpected key(s)" in msg and "in all)" in msg
+    assert "likely cause: another backbone (layer names differ" in msg
     assert len(msg) < 2000 and "tensor(" not in msg
 
     # a resumable checkpoint carries its settings: the error names them

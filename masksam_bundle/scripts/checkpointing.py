@@ -50,6 +50,25 @@ def _extract_state_dict(checkpoint: Any, path: str) -> Mapping[str, torch.Tensor
     return checkpoint
 
 
+# parameters whose first dimension gives a model setting away: (key, setting, value from the first dimension)
+_SETTING_KEYS = (
+    ("decoder.class_head.bias", "num_classes (K)", lambda n: n - 1),  # K classes + "no object"
+    ("prompt_generator.box_head.bias", "num_queries (N)", lambda n: n),
+    ("decoder.depth_pos_embed", "patch depth D (patch_size[2])", lambda n: n),
+)
+
+
+def _likely_causes(sd: Mapping, own: Mapping, missing, unexpected) -> list:
+    causes = []
+    if missing or unexpected:
+        causes.append("another backbone (layer names differ"
+                      + (f", e.g. {sorted(missing or unexpected)[0]}" if (missing or unexpected) else "") + ")")
+    for key, setting, value in _SETTING_KEYS:
+        if key in sd and key in own and hasattr(sd[key], "shape") and sd[key].shape[:1] != own[key].shape[:1]:
+            causes.append(f"{setting}: checkpoint {value(int(sd[key].shape[0]))} vs network {value(int(own[key].shape[0]))}")
+    return causes
+
+
 def check_state_dict(network: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
                      settings: Optional[Mapping] = None) -> Dict[str, torch.Tensor]:
     """Return ``state_dict`` (``module.`` prefixes removed) or raise one readable error naming the mismatch."""
@@ -66,6 +85,9 @@ def check_state_dict(network: torch.nn.Module, state_dict: Mapping[str, torch.Te
         lines = [f"checkpoint {path!r} does not match the network"
                  + (f" built with {dict(settings)}" if settings else "")
                  + " (another backbone, num_classes, num_queries or patch size?):"]
+        causes = _likely_causes(sd, own, missing, unexpected)
+        if causes:
+            lines.append("  likely cause: " + "; ".join(causes))
         if missing:
             lines.append(f"  {len(missing)} missing key(s): {_describe(missing)}")
         if unexpected:
