@@ -102,8 +102,8 @@ def train_in_process(data, out, **overrides):
     records = []
 
     def record(engine):
-        terms = {k: float(v) for k, v in loss_fn.last_terms.items()}
-        records.append({"loss": float(engine.state.output["loss"]), "grad_norm": engine.state.grad_norm, **terms})
+        terms = {k: float(torch.as_tensor(v).detach()) for k, v in loss_fn.last_terms.items()}
+        records.append({"loss": float(engine.state.output["loss"].detach()), "grad_norm": engine.state.grad_norm, **terms})
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
     trainer.run()
