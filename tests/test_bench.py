@@ -96,3 +96,13 @@ def test_gpu_figures_tiny_on_cuda(tmp_path):
     out = tmp_path / "gpu.json"
     _run("gpu_figures.py", "--tiny", "--repeats", "1", "--json", str(out))
     assert json.loads(out.read_text())["environment"]["gpu"]
+
+
+def test_profile_forward_tiny(tmp_path):
+    out = tmp_path / "profile.json"
+    _run("profile_forward.py", "--backbone", "vit_t", "--image-size", "64", "--depth", "2", "--queries", "3",
+         "--json", str(out))
+    data = json.loads(out.read_text())
+    _positive(data, ["forward_s"])
+    assert {"image encoder (frozen SAM + adapters)", "prompt generator (3D U-Net decoder)"} <= set(data["modules_s"])
+    assert data["top_ops"] and all(op["self_s"] >= 0 for op in data["top_ops"])
