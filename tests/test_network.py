@@ -317,3 +317,25 @@ def test_vit_without_checkpoint_warns():
         warnings.simplefilter("always")
         build_sam_parts("vit_b")
     assert any("sam_vit_b_01ec64.pth" in str(w.message) for w in caught)
+
+
+def test_monai_batches_with_metadata_reach_the_loss():
+    """A collated MONAI batch (MetaTensors with per-item metadata) goes through the network into the loss."""
+    from monai.data import MetaTensor, list_data_collate
+
+    from scripts import MaskSAMLoss
+
+    torch.manual_seed(0)
+    net = MaskSAM(backbone="vit_t", num_classes=K, num_queries=5, num_slices=2, image_size=64).train()
+    items = [
+        {
+            "image": MetaTensor(torch.randn(1, 64, 64, 2), meta={"filename_or_obj": f"case{i}.nii.gz"}),
+            "label": MetaTensor(torch.randint(0, K, (1, 64, 64, 2)).float(), meta={"filename_or_obj": f"seg{i}.nii.gz"}),
+        }
+        for i in range(2)
+    ]
+    batch = list_data_collate(items)
+    out = net(batch["image"])
+    assert not isinstance(out["pred_masks"], MetaTensor)
+    loss = MaskSAMLoss(num_classes=K, seed=0)(out, batch["label"])
+    assert torch.isfinite(loss) and loss > 0

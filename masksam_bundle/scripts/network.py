@@ -13,6 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.data import MetaTensor
 
 from .backbones import BACKBONES, SAM_FRAME, build_sam_parts
 from .image_encoder import AdaptedTinyViTEncoder, AdaptedViTEncoder
@@ -143,6 +144,9 @@ class MaskSAM(nn.Module):
         the image encoder again.
         """
         self.check_input(x)
+        # MONAI batches carry per-item metadata; the set outputs are not per-item images, so drop it here
+        # (sliding-window inference restores the input's metadata on its own output).
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x
         b, _, h, w, d = x.shape
         image = self.modality_adapter(x.permute(0, 1, 4, 2, 3))  # (B, 3, D, S, S)
         image = image.transpose(1, 2).reshape(b * d, 3, self.sam_size, self.sam_size)
