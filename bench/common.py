@@ -212,6 +212,29 @@ def sgd(model: torch.nn.Module, lr: float):
     return torch.optim.SGD(trainable_parameters(model), lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
 
+def amp_autocast(device, enabled: bool):
+    """Autocast as the benchmarks use it: fp16 on CUDA, bf16 on CPU."""
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                          enabled=enabled)
+
+
+def train_step(model, loss_fn, optimiser, scaler, image, label, amp: bool) -> torch.Tensor:
+    """One training step as the bundle trains: forward (autocast) + loss + backward + clipping at 12 + step.
+
+    The gradient scaler skips steps with non-finite gradients (bf16 autocast on CPU produced some).
+    """
+    optimiser.zero_grad(set_to_none=True)
+    with amp_autocast(image.device, amp):
+        out = model(image)
+    loss = loss_fn(out, label)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimiser)
+    torch.nn.utils.clip_grad_norm_(trainable_parameters(model), 12.0)
+    scaler.step(optimiser)
+    scaler.update()
+    return loss.detach()
+
+
 # --------------------------------------------------------------------------------------------- data
 def synthetic_pair(batch: int, patch: Sequence[int], num_classes: int, device, seed: int = 0):
     """A random image and a label holding every class in every slice (diagonal bands), ``(B, 1, H, W, D)``."""

@@ -26,7 +26,6 @@ Usage (repo root)::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (sets OMP_WAIT_POLICY before torch is imported)
     ACDC_DIR, PeakMemory, build_dynunet, cpu_model_name, deep_supervised_dice_ce, environment, masksam_loss,
-    sgd, write_json,
+    sgd, train_step, write_json,
 )
 
 import numpy as np  # noqa: E402
@@ -164,22 +163,13 @@ def train(model, loss_fn, lr: float, loader, args, device) -> Dict:
                 break
             poly_lr(optimiser, lr, progress)
             image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
-            optimiser.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                                enabled=args.amp):
-                out = model(image)
-            loss = loss_fn(out, label)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimiser)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 12.0)
-            scaler.step(optimiser)
-            scaler.update()
+            loss = train_step(model, loss_fn, optimiser, scaler, image, label, args.amp)
             it += 1
             losses.append(float(loss.detach()))
             if it <= 3 or it % args.log_every == 0:
                 log(f"  iter {it}: loss {losses[-1]:.4f}  ({time.perf_counter() - t0:.0f} s)")
     wall = time.perf_counter() - t0
-    return {"iterations": it, "train_wall_s": round(wall, 1), "samples": it * args.batch,
+    return {"iterations": it, "train_wall_s": round(wall, 3), "samples": it * args.batch,
             "s_per_iter": round(wall / max(it, 1), 2), "loss_first": losses[0] if losses else None,
             "loss_last_10_mean": round(float(np.mean(losses[-10:])), 4) if losses else None}
 
@@ -218,7 +208,7 @@ def evaluate(model, items, args, device, is_masksam: bool) -> Dict:
             + " ".join(f"{c} {v:.3f}" for c, v in zip(CLASS_NAMES, dice)) + f" ({per_case[-1]['seconds']} s)")
     means = {c: round(float(np.nanmean([p[c] for p in per_case])), 4) for c in CLASS_NAMES}
     means["mean"] = round(float(np.mean([means[c] for c in CLASS_NAMES])), 4)
-    return {"dice": means, "per_case": per_case, "eval_wall_s": round(time.perf_counter() - t0, 1)}
+    return {"dice": means, "per_case": per_case, "eval_wall_s": round(time.perf_counter() - t0, 3)}
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (sets OMP_WAIT_POLICY before torch is imported)
     BASELINES, GIB, MASKSAM_BACKBONES, PRESETS, NotApplicable, PeakMemory, build_dynunet, build_masksam,
     build_swinunetr, cpu_model_name, deep_supervised_dice_ce, environment, masksam_loss, ratio, sgd,
-    swin_patch, synthetic_pair, timed_runs, write_json,
+    amp_autocast, swin_patch, synthetic_pair, timed_runs, train_step, write_json,
 )
 
 import torch  # noqa: E402
@@ -109,7 +109,6 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
     k = preset["num_classes"]
     tiny = preset.get("tiny", False)
     amp = bool(job.get("amp", False))
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     res: Dict = {
         "preset": job["preset"], "model": model_name, "device": str(device), "batch": batch,
         "preset_depth": full_depth, "measured_depth": depth, "amp": amp,
@@ -155,7 +154,7 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
     save()
 
     def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp)
+        return amp_autocast(device, amp)
 
     for phase in job["phases"]:
         if time.perf_counter() > deadline:
@@ -180,15 +179,7 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
             scaler = torch.amp.GradScaler(device.type, enabled=amp)  # skips steps with non-finite grads
 
             def step():
-                optimiser.zero_grad(set_to_none=True)
-                with autocast():
-                    out = model(image)
-                loss = loss_fn(out, label)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimiser)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 12.0)
-                scaler.step(optimiser)
-                scaler.update()
+                train_step(model, loss_fn, optimiser, scaler, image, label, amp)
 
             with PeakMemory(device) as mem:
                 t = timed_runs(step, device, warmup, repeats, deadline, f"{tag} train step", log)

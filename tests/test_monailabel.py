@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -117,7 +116,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, acdc_dir):
-    python = _venv_python()
+    _venv_python()  # skips (or fails in CI) when the MONAI Label environment is missing
     root = tmp_path_factory.mktemp("monailabel")
     bundle = _tiny_bundle(root / "masksam_bundle")
     app = root / "app"

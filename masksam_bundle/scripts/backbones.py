@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn

@@ -12,7 +12,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from monai.data import load_decathlon_datalist
 

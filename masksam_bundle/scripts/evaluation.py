@@ -165,7 +165,7 @@ class EvaluationReport:
             z = int(np.argmax((gt > 0).reshape(-1, gt.shape[-1]).sum(0)))
             self._slices[case] = (torch.as_tensor(image)[0, ..., z].numpy(), gt[..., z], pred.argmax(0).numpy()[..., z], z)
         logger.info(f"{case}: Dice " + " ".join(f"{n} {v:.4f}" for n, v in row["dice"].items())
-                    + f" | HD95 " + " ".join(f"{n} {v:.2f}" for n, v in row["hd95"].items()))
+                    + " | HD95 " + " ".join(f"{n} {v:.2f}" for n, v in row["hd95"].items()))
         return row
 
     def summary(self) -> Dict:

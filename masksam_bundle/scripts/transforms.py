@@ -12,7 +12,6 @@ from typing import Hashable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.transforms import (
     ClassesToIndicesd,
     EnsureChannelFirstd,
