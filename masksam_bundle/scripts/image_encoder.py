@@ -13,10 +13,12 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .adapters import DConvAdapter
+from .attention import sam_attention
 
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 
@@ -26,15 +28,26 @@ class AdaptedViTBlock(nn.Module):
 
     The attention-side adapter runs after window un-partitioning, so its depth convolution always sees the
     full per-slice token grid (the authors' release ran it on windows; spec section 5 "release bug").
+    The attention itself runs through :func:`scripts.attention.sam_attention` (fused SDPA unless
+    ``fused_attention`` is false; relative-position tables cropped to the grid).
     """
 
-    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+    def __init__(
+        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, fused_attention: bool = True
+    ) -> None:
         super().__init__()
         self.block = block
+        self.fused_attention = fused_attention
         dim = block.norm1.normalized_shape[0]
         self.attn_adapter = DConvAdapter(dim, num_slices)
         self.mlp_adapter = DConvAdapter(dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B', H, W, C)`` windows or grids -> the same shape."""
+        if isinstance(self.block.attn, SamAttention):
+            return sam_attention(self.block.attn, x, self.fused_attention)
+        return self.block.attn(x)  # an attention module replaced by the caller (e.g. in tests) runs as it is
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h, w, C)``."""
@@ -44,10 +57,10 @@ class AdaptedViTBlock(nn.Module):
         if blk.window_size > 0:
             h, w = x.shape[1], x.shape[2]
             x, pad_hw = window_partition(x, blk.window_size)
-            x = blk.attn(x)
+            x = self.attention(x)
             x = window_unpartition(x, blk.window_size, pad_hw, (h, w))
         else:
-            x = blk.attn(x)
+            x = self.attention(x)
         x = shortcut + x + self.attn_adapter(x)
         normed = blk.norm2(x)
         return x + blk.mlp(normed) + self.mlp_adapter_scale * self.mlp_adapter(normed)
@@ -57,16 +70,28 @@ class AdaptedViTEncoder(nn.Module):
     """SAM's ``ImageEncoderViT`` for an input of side ``image_size`` <= 1024 (spec section 2, "frame").
 
     The absolute position embedding is cropped to its top-left ``S/16 x S/16`` corner (SAM's own
-    "pad bottom-right to 1024" convention); relative-position tables are interpolated by segment_anything.
+    "pad bottom-right to 1024" convention); the relative-position tables of the global blocks likewise to their
+    central ``2g - 1`` rows, the offsets that exist (:func:`scripts.attention.crop_rel_pos`).
     A learnable, zero-initialised depth embedding (one C-vector per slice) is added after the patch embedding.
+    ``fused_attention`` (default) runs attention through SDPA without ``N x N`` matrices; false runs SAM's
+    explicit matrices (same result, for comparison and debugging).
     """
 
-    def __init__(self, encoder: nn.Module, num_slices: int, image_size: int, use_checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_slices: int,
+        image_size: int,
+        use_checkpoint: bool = False,
+        fused_attention: bool = True,
+    ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
         self.pos_embed = encoder.pos_embed  # (1, 64, 64, C) frozen
         self.neck = encoder.neck
-        self.blocks = nn.ModuleList([AdaptedViTBlock(b, num_slices) for b in encoder.blocks])
+        self.blocks = nn.ModuleList(
+            [AdaptedViTBlock(b, num_slices, fused_attention=fused_attention) for b in encoder.blocks]
+        )
         dim = self.pos_embed.shape[-1] if self.pos_embed is not None else encoder.blocks[0].norm1.normalized_shape[0]
         self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim))
         self.num_slices = num_slices

@@ -37,6 +37,8 @@ class MaskSAM(nn.Module):
         sam_upsample: 1, 2 or 4 — in-plane factor from H to SAM's input side S (S <= 1024; LiteMedSAM: S = 256).
         decoder_channels: prompt-generator stage widths, coarsest to finest.
         use_checkpoint: activation checkpointing in the image encoder (memory for compute).
+        fused_attention: the ViT encoder's attention through SDPA without ``N x N`` matrices (same result as
+            SAM's explicit attention to float tolerance); ``False`` runs SAM's explicit matrices.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class MaskSAM(nn.Module):
         sam_upsample: int = 1,
         decoder_channels: Sequence[int] = RELEASE_DECODER_CHANNELS,
         use_checkpoint: bool = False,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         sam_size = _check_frame(backbone, image_size, sam_upsample)
@@ -73,7 +76,9 @@ class MaskSAM(nn.Module):
 
         self.modality_adapter = ModalityAdapter(in_channels, sam_upsample)
         if parts.kind == "vit":
-            self.image_encoder = AdaptedViTEncoder(parts.image_encoder, num_slices, sam_size, use_checkpoint)
+            self.image_encoder = AdaptedViTEncoder(
+                parts.image_encoder, num_slices, sam_size, use_checkpoint, fused_attention=fused_attention
+            )
         else:
             self.image_encoder = AdaptedTinyViTEncoder(parts.image_encoder, num_slices, use_checkpoint)
         self.prompt_generator = PromptGenerator(
