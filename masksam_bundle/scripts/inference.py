@@ -20,6 +20,7 @@ import torch
 from scripts.checkpointing import load_model_weights
 from scripts.data import strip_nifti_suffix
 from scripts.io import atomic_write, ensure_writable_dir
+from scripts.precision import autocast
 
 logger = logging.getLogger("masksam.inference")
 
@@ -69,16 +70,19 @@ class Predictor:
         output_dir: where label maps are written.
         checkpoint: trained weights (``models/model.pt``); ``None`` uses the network as it is.
         overwrite: replace existing outputs (otherwise they are refused before any work).
+        amp, amp_dtype: autocast on CUDA with this dtype (``scripts.precision``); CPU runs float32.
     """
 
     def __init__(self, network: torch.nn.Module, preprocessing: Callable, inferer: Callable,
                  postprocessing: Callable, data: Sequence[Dict], output_dir: str,
                  checkpoint: Optional[str] = None, device="cpu", overwrite: bool = False,
-                 output_postfix: str = "_seg", amp: bool = False, settings: Optional[Dict] = None) -> None:
+                 output_postfix: str = "_seg", amp: bool = False, settings: Optional[Dict] = None,
+                 amp_dtype: str = "auto") -> None:
         self.network, self.preprocessing, self.inferer = network, preprocessing, inferer
         self.postprocessing, self.data, self.output_dir = postprocessing, list(data), str(output_dir)
         self.checkpoint, self.device, self.overwrite = checkpoint, torch.device(device), bool(overwrite)
         self.output_postfix, self.amp, self.settings = output_postfix, bool(amp), settings
+        self.amp_dtype = amp_dtype
 
     def plan(self) -> List[tuple]:
         """(input, output) pairs; refuses outputs that exist or that would replace an input."""
@@ -102,7 +106,7 @@ class Predictor:
     def predict_one(self, image: str) -> np.ndarray:
         data = self.preprocessing({"image": image})
         x = data["image"].unsqueeze(0).to(self.device)
-        with torch.no_grad(), torch.autocast("cuda", enabled=self.amp and self.device.type == "cuda"):
+        with torch.no_grad(), autocast(self.device, self.amp, self.amp_dtype):
             pred = self.inferer(x, self.network)
         data["pred"] = pred[0].float().cpu()
         data["image"] = data["image"].cpu()
