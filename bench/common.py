@@ -20,6 +20,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import datetime
+import inspect
 import json
 import math
 import platform
@@ -161,19 +162,24 @@ def build_swinunetr(num_classes: int, in_channels: int = 1, tiny: bool = False):
 
 
 def build_masksam(backbone: str, preset: str, depth: Optional[int] = None, use_checkpoint: bool = False,
-                  checkpoint: Optional[str] = None):
+                  checkpoint: Optional[str] = None, fused_attention: bool = True):
+    """MaskSAM for a preset. Without ``checkpoint`` the frozen SAM weights are random: they time the same as the
+    official ones (the bench measures cost, not accuracy)."""
     from scripts import MaskSAM
 
     p = PRESETS[preset]
     up = p["sam_upsample"].get(backbone)
     if up is None:
         raise NotApplicable(f"{backbone} cannot take the {preset} patch {p['patch'][0]}x{p['patch'][1]}")
+    extra = {}
+    if checkpoint is None and "allow_random_sam" in inspect.signature(MaskSAM).parameters:
+        extra["allow_random_sam"] = True  # the bundle refuses a random vit_b/l/h for training unless asked
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "built without a SAM checkpoint": random frozen weights time the same
         return MaskSAM(
             backbone=backbone, checkpoint=checkpoint, in_channels=1, num_classes=p["num_classes"],
             num_queries=p["num_queries"], num_slices=depth or p["patch"][2], image_size=p["patch"][0],
-            sam_upsample=up, use_checkpoint=use_checkpoint,
+            sam_upsample=up, use_checkpoint=use_checkpoint, fused_attention=fused_attention, **extra,
         )
 
 
@@ -212,10 +218,13 @@ def sgd(model: torch.nn.Module, lr: float):
     return torch.optim.SGD(trainable_parameters(model), lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
 
-def amp_autocast(device, enabled: bool):
-    """Autocast as the benchmarks use it: fp16 on CUDA, bf16 on CPU."""
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                          enabled=enabled)
+def amp_autocast(device, enabled: bool, amp_dtype: str = "auto"):
+    """Autocast as the bundle uses it (``scripts.precision``): bf16 on CUDA where supported, else fp16; on CPU
+    (bench only — the bundle runs CPU in fp32) bf16."""
+    from scripts.precision import resolve_amp_dtype
+
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=resolve_amp_dtype(device, amp_dtype), enabled=enabled)
 
 
 def train_step(model, loss_fn, optimiser, scaler, image, label, amp: bool) -> torch.Tensor:

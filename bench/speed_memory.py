@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -73,6 +74,22 @@ PLANS: Dict[str, List] = {
     "gpu": [(p, m, None, PHASES) for p in ("acdc", "synapse", "amos")
             for m in ("dynunet", "swinunetr", "lite_medsam", "vit_b", "vit_h")],
     "tiny": [("tiny", m, None, PHASES) for m in ("dynunet", "swinunetr", "vit_t")],
+    # Issue 13 before/after on CPU: the ACDC preset (vit_b, 256x256x4 x4 to 1024) with SAM's explicit attention
+    # (today's code, `fused_attention: false`) and with the fused attention, batch 1 and 2, against DynUNet.
+    # Before/after jobs alternate so that load changes on a shared machine hit both.
+    "acdc_attention": [
+        ("acdc", "dynunet", None, ("infer", "train"), dict(label="dynunet b1", batch=1, repeats=3)),
+        ("acdc", "vit_b", None, ("infer", "train"),
+         dict(label="vit_b explicit b1 ckpt", batch=1, use_checkpoint=True, fused_attention=False, repeats=2)),
+        ("acdc", "vit_b", None, ("infer", "train"),
+         dict(label="vit_b fused b1 ckpt", batch=1, use_checkpoint=True, repeats=2)),
+        ("acdc", "vit_b", None, ("train",), dict(label="vit_b fused b1", batch=1, repeats=2)),
+        ("acdc", "vit_b", None, ("train",), dict(label="vit_b fused b2 ckpt", batch=2, use_checkpoint=True, repeats=2)),
+        ("acdc", "dynunet", None, ("train",), dict(label="dynunet b2", batch=2, repeats=3)),
+        ("acdc", "vit_b", None, ("train",),
+         dict(label="vit_b explicit b2 ckpt", batch=2, use_checkpoint=True, fused_attention=False,
+              not_run="known to exceed 20 GB: OOM-killed at 22.1 GB on the 24 GB machine (issue 13)")),
+    ],
 }
 METRICS = ("infer_patch_s", "train_step_s", "infer_volume_s", "peak_infer_gib", "peak_train_gib",
            "peak_volume_gib")
@@ -113,8 +130,10 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
         "preset": job["preset"], "model": model_name, "device": str(device), "batch": batch,
         "preset_depth": full_depth, "measured_depth": depth, "amp": amp,
         "use_checkpoint": bool(job.get("use_checkpoint", False)), "phases": list(job["phases"]),
-        "status": "running",
+        "fused_attention": bool(job.get("fused_attention", True)), "status": "running",
     }
+    if job.get("label"):
+        res["label"] = job["label"]
 
     def save() -> None:
         write_json(partial_path, res)
@@ -131,7 +150,8 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
             res["config"] = {"feature_size": 12 if tiny else 48, "padded_patch": roi}
             loss_fn = deep_supervised_dice_ce(k)
         elif model_name in MASKSAM_BACKBONES:
-            model = build_masksam(model_name, job["preset"], depth, use_checkpoint=res["use_checkpoint"])
+            model = build_masksam(model_name, job["preset"], depth, use_checkpoint=res["use_checkpoint"],
+                                  fused_attention=res["fused_attention"])
             res["config"] = {"num_queries": preset["num_queries"], "num_classes": k,
                              "sam_upsample": preset["sam_upsample"][model_name], "sam_size": model.sam_size}
             loss_fn, roi = masksam_loss(k), list(patch)
@@ -205,6 +225,7 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
         save()
     res.pop("current_phase", None)
     res["status"] = "ok"
+    res["max_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
     save()
     return res
 
@@ -307,21 +328,56 @@ def memory_fallback(res: Dict, job: Dict) -> Optional[Dict]:
 
 
 def result_key(r: Dict) -> str:
-    key = f"{r['preset']}/{r['model']}"
+    key = f"{r['preset']}/{r.get('label') or r['model']}"
     return key + (f"@d={r['measured_depth']}" if r.get("estimate") else "")
 
 
 def ratios_to_dynunet(results: List[Dict]) -> Dict:
     table: Dict = {}
     for preset in dict.fromkeys(r["preset"] for r in results):
-        ref = next((r for r in results if r["preset"] == preset and r["model"] == "dynunet"), None)
-        if ref is None:
+        refs = [r for r in results if r["preset"] == preset and r["model"] == "dynunet"]
+        if not refs:
             continue
         for r in results:
             if r["preset"] != preset or r["model"] == "dynunet":
                 continue
+            ref = next((d for d in refs if d.get("batch") == r.get("batch")), refs[0])  # same batch when measured
             table[result_key(r)] = {m: ratio(r.get(m), ref.get(m)) for m in METRICS}
     return table
+
+
+FIGURES_SCHEMA = {
+    "backbone": "model: vit_b, lite_medsam, ... or dynunet (the reference)",
+    "preset": "bench preset (common.PRESETS); patch = [H, W, D] of one training/inference patch",
+    "batch": "patches per training step",
+    "amp": "autocast on (CUDA: bf16 where supported, else fp16)",
+    "checkpointing": "activation checkpointing of the image-encoder blocks (use_checkpoint)",
+    "fused": "fused SDPA attention in the ViT encoder (fused_attention); false = SAM's explicit attention",
+    "peak_rss_gb": "peak resident memory of the training phase, GiB (2**30 bytes), whole process incl. weights "
+                   "and interpreter (CPU); CUDA max allocated on GPU",
+    "step_s": "median seconds of one training step (forward, loss, backward, clip, SGD)",
+    "infer_patch_s": "median seconds of one eval forward of one patch (batch 1), when measured",
+    "peak_infer_rss_gb": "peak resident memory of the inference phase, GiB",
+    "status": "ok | not run | partial | stopped | error | skipped; reason says why",
+    "estimate": "true when a figure is scaled from a smaller depth (speed_memory.finalise)",
+}
+
+
+def compact_figures(output: Dict, source: Optional[str]) -> Dict:
+    """One flat record per configuration (schema :data:`FIGURES_SCHEMA`), for the memory estimator."""
+    records = []
+    for r in output["results"]:
+        records.append({
+            "backbone": r["model"], "preset": r["preset"], "label": r.get("label"),
+            "patch": r.get("patch") or list(PRESETS[r["preset"]]["patch"]), "batch": r.get("batch"),
+            "amp": bool(r.get("amp")), "checkpointing": bool(r.get("use_checkpoint")),
+            "fused": bool(r.get("fused_attention", True)) if r["model"] in MASKSAM_BACKBONES else None,
+            "peak_rss_gb": r.get("peak_train_gib"), "step_s": r.get("train_step_s"),
+            "infer_patch_s": r.get("infer_patch_s"), "peak_infer_rss_gb": r.get("peak_infer_gib"),
+            "status": r.get("status"), "reason": r.get("reason"), "estimate": bool(r.get("estimate")),
+        })
+    return {"schema": FIGURES_SCHEMA, "device": output["args"].get("device"), "environment": output["environment"],
+            "source": source, "figures": records}
 
 
 def fmt(v, digits=2) -> str:
@@ -361,11 +417,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     ap.add_argument("--use-checkpoint", action="store_true", help="MaskSAM activation checkpointing")
+    ap.add_argument("--explicit-attention", action="store_true",
+                    help="MaskSAM with SAM's explicit attention (fused_attention: false), the code before issue 13")
     ap.add_argument("--budget", type=float, default=1800, help="seconds for the whole run; later jobs are skipped")
     ap.add_argument("--job-seconds", type=float, default=420, help="time allowance of one job")
     ap.add_argument("--max-rss-gib", type=float, help="stop a job whose RSS passes this (default 80%% of free RAM)")
     ap.add_argument("--inprocess", action="store_true", help="no subprocess per job (smoke tests)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--figures-json", help="also write one compact record per configuration here (memory estimator)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -386,15 +445,23 @@ def main(argv=None) -> int:
     results: List[Dict] = []
     t0 = time.monotonic()
     output = {"environment": env, "args": vars(args), "results": results}
-    for preset, model, depth, phases in jobs:
+    for preset, model, depth, phases, *options in jobs:
+        options = dict(options[0]) if options else {}  # per-job overrides of the command-line settings
         left = args.budget - (time.monotonic() - t0)
-        if left < 30:
-            results.append({"preset": preset, "model": model, "status": "skipped", "reason": "run budget used up"})
-            continue
         job = dict(preset=preset, model=model, depth=depth, phases=list(phases), device=args.device,
                    batch=args.batch, warmup=args.warmup, repeats=args.repeats, amp=args.amp,
-                   use_checkpoint=args.use_checkpoint, seconds=min(args.job_seconds, left))
-        log(f"\n== {preset}/{model} depth={depth or 'preset'} phases={','.join(phases)} "
+                   use_checkpoint=args.use_checkpoint, fused_attention=not args.explicit_attention,
+                   seconds=min(args.job_seconds, left))
+        job.update(options)
+        if job.get("not_run") or left < 30:
+            reason = job.get("not_run") or "run budget used up"
+            results.append({"preset": preset, "model": model, "label": job.get("label"), "batch": job["batch"],
+                            "use_checkpoint": job["use_checkpoint"], "amp": job["amp"],
+                            "fused_attention": job["fused_attention"], "status": "not run" if job.get("not_run")
+                            else "skipped", "reason": reason})
+            log(f"\n== {job.get('label') or preset + '/' + model}: not run ({reason})")
+            continue
+        log(f"\n== {job.get('label') or preset + '/' + model} depth={depth or 'preset'} phases={','.join(phases)} "
             f"(allowance {job['seconds']:.0f} s, {left:.0f} s of budget left)")
         res = measure(job) if args.inprocess else run_subprocess(job, max_rss)
         results.append(finalise(res))
@@ -411,6 +478,8 @@ def main(argv=None) -> int:
     output["ratios_to_dynunet"] = ratios_to_dynunet(results)
     output["elapsed_s"] = round(time.monotonic() - t0, 1)
     write_json(args.json, output)
+    if args.figures_json:
+        write_json(args.figures_json, compact_figures(output, args.json))
     print_table(results, output["ratios_to_dynunet"])
     return 0
 

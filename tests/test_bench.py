@@ -64,6 +64,23 @@ def test_speed_memory_tiny(tmp_path):
     _positive(ratios, ["infer_patch_s", "train_step_s", "infer_volume_s"])
 
 
+def test_speed_memory_figures_for_the_memory_estimator(tmp_path):
+    """The compact per-configuration records (schema in speed_memory.FIGURES_SCHEMA), explicit attention."""
+    out, figures = tmp_path / "speed.json", tmp_path / "figures.json"
+    _run("speed_memory.py", "--preset", "tiny", "--models", "dynunet,vit_t", "--phases", "infer,train",
+         "--explicit-attention", "--use-checkpoint", "--inprocess", "--warmup", "0", "--repeats", "1",
+         "--json", str(out), "--figures-json", str(figures))
+    data = json.loads(figures.read_text())
+    assert set(data["schema"]) <= set(data["figures"][0]) | {"schema"}
+    by_model = {f["backbone"]: f for f in data["figures"]}
+    assert by_model["vit_t"]["fused"] is False and by_model["dynunet"]["fused"] is None
+    assert by_model["vit_t"]["checkpointing"] is True and by_model["vit_t"]["batch"] == 1
+    for f in by_model.values():
+        assert f["status"] == "ok" and f["patch"] == [64, 64, 2]
+        _positive(f, ["peak_rss_gb", "step_s", "infer_patch_s", "peak_infer_rss_gb"])
+    assert json.loads(out.read_text())["results"][1]["fused_attention"] is False
+
+
 def test_dice_acdc_tiny(tmp_path, acdc_dir):
     out = tmp_path / "dice.json"
     _run("dice_acdc.py", "--tiny", "--train-seconds", "3", "--data-dir", str(acdc_dir), "--json", str(out))

@@ -1,0 +1,128 @@
+"""Which exact attention is fastest for SAM's ViT blocks: forward + backward of one ``vit_b`` attention.
+
+Variants (all give SAM's result with the decomposed relative-position bias, to float tolerance):
+
+* ``explicit`` — SAM's own computation: ``(N, N)`` logits, bias added, softmax, kept for backward;
+* ``mask`` — ``scaled_dot_product_attention`` with the bias materialised as an additive float mask ``(N, N)``;
+* ``fused`` — ``scaled_dot_product_attention`` without a mask, the bias folded into the query/key width
+  (head dim ``64 + h + w``, value zero-padded to it) — what ``scripts.attention.sam_attention`` runs.
+
+Blocks: ``global`` (the 64 x 64 token grid of the 1024 frame, 12 heads of 64) and ``window`` (the same grid cut
+into 25 windows of 14 x 14, as SAM pads 64 to 70). The SAM weights are frozen and the input needs a gradient,
+as in MaskSAM training. Each (block, variant) runs in its own subprocess, variants interleaved, so the peak RSS
+of one cannot hide in another's; the time is the median of the timed runs after a warm-up.
+
+    python bench/attention_variants.py --slices 1 --repeats 3 --json bench/results/attention_variants_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import GIB, PeakMemory, cpu_model_name, environment, median, write_json  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+VARIANTS = ("explicit", "mask", "fused")
+BLOCKS = ("global", "window")
+VIT_B = dict(dim=768, heads=12, grid=64, window=14)
+
+
+def masked_sdpa(attn, x: torch.Tensor) -> torch.Tensor:
+    """SDPA with the decomposed bias materialised as an additive ``(B, heads, N, N)`` float mask."""
+    from scripts.attention import _qkv, rel_pos_logits
+
+    b, h, w, _ = x.shape
+    q, k, v = _qkv(attn, x)
+    heads, n, d = q.shape[1:]
+    rel_h, rel_w = rel_pos_logits(q.reshape(b * heads, n, d), attn.rel_pos_h, attn.rel_pos_w, (h, w))
+    bias = (rel_h.view(b, heads, n, h, 1) + rel_w.view(b, heads, n, 1, w)).reshape(b, heads, n, n)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    return attn.proj(out.permute(0, 2, 1, 3).reshape(b, h, w, -1))
+
+
+def worker(block: str, variant: str, slices: int, warmup: int, repeats: int) -> Dict:
+    from segment_anything.modeling.image_encoder import Attention, window_partition
+    from scripts.attention import sam_attention
+
+    torch.manual_seed(0)
+    side = VIT_B["grid"] if block == "global" else VIT_B["window"]
+    attn = Attention(VIT_B["dim"], VIT_B["heads"], use_rel_pos=True, input_size=(side, side))
+    torch.nn.init.normal_(attn.rel_pos_h, std=0.02)
+    torch.nn.init.normal_(attn.rel_pos_w, std=0.02)
+    attn.requires_grad_(False)
+    x = torch.randn(slices, VIT_B["grid"], VIT_B["grid"], VIT_B["dim"])
+    if block == "window":
+        x = window_partition(x, VIT_B["window"])[0]  # (slices * 25, 14, 14, C)
+    x.requires_grad_(True)
+    run = {"explicit": lambda t: sam_attention(attn, t, fused=False), "fused": lambda t: sam_attention(attn, t),
+           "mask": lambda t: masked_sdpa(attn, t)}[variant]
+
+    def step() -> None:
+        x.grad = None
+        run(x).square().mean().backward()
+
+    base = PeakMemory.rss_bytes()
+    times: List[float] = []
+    with PeakMemory(torch.device("cpu")) as mem:
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return {"block": block, "variant": variant, "slices": slices, "tokens": int(x[0].numel() // VIT_B["dim"]),
+            "batch": int(x.shape[0]), "fwd_bwd_s": round(median(times), 4), "all_s": [round(t, 4) for t in times],
+            "peak_rss_above_start_gib": round((mem.peak_bytes - base) / GIB, 3),
+            "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--slices", type=int, default=1, help="slices in the batch (B*D)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--blocks", default=",".join(BLOCKS))
+    ap.add_argument("--json")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.slices, args.warmup, args.repeats)))
+        return 0
+
+    env = {**environment(), "cpu_model": cpu_model_name()}
+    results = []
+    for block in args.blocks.split(","):
+        for variant in args.variants.split(","):
+            cmd = [sys.executable, __file__, "--worker", block, variant, "--slices", str(args.slices),
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                results.append({"block": block, "variant": variant, "status": "error",
+                                "reason": proc.stderr.strip().splitlines()[-1:]})
+            else:
+                results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "status": "ok"})
+            r = results[-1]
+            print(f"{block:7s} {variant:9s} fwd+bwd {r.get('fwd_bwd_s', '-')!s:>8s} s   peak RSS above start "
+                  f"{r.get('peak_rss_above_start_gib', '-')!s:>6s} GiB   {r.get('reason', '')}", flush=True)
+    for block in args.blocks.split(","):
+        ref = next((r for r in results if r["block"] == block and r["variant"] == "explicit"
+                    and r["status"] == "ok"), None)
+        for r in results:
+            if ref and r["block"] == block and r["status"] == "ok":
+                r["speedup_vs_explicit"] = round(ref["fwd_bwd_s"] / r["fwd_bwd_s"], 2)
+    write_json(args.json, {"environment": env, "args": vars(args), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
