@@ -84,7 +84,7 @@ PLANS: Dict[str, List] = {
         ("acdc", "vit_b", None, ("infer", "train"),
          dict(label="vit_b fused b1 ckpt", batch=1, use_checkpoint=True, repeats=2)),
         ("acdc", "vit_b", None, ("train",), dict(label="vit_b fused b1", batch=1, repeats=2)),
-        ("acdc", "vit_b", None, ("train",), dict(label="vit_b fused b2 ckpt", batch=2, use_checkpoint=True, repeats=2)),
+        ("acdc", "vit_b", None, ("train",), dict(label="vit_b fused b2 ckpt", batch=2, use_checkpoint=True, repeats=1)),
         ("acdc", "dynunet", None, ("train",), dict(label="dynunet b2", batch=2, repeats=3)),
         ("acdc", "vit_b", None, ("train",),
          dict(label="vit_b explicit b2 ckpt", batch=2, use_checkpoint=True, fused_attention=False,
