@@ -227,13 +227,14 @@ def amp_autocast(device, enabled: bool, amp_dtype: str = "auto"):
     return torch.autocast(device.type, dtype=resolve_amp_dtype(device, amp_dtype), enabled=enabled)
 
 
-def train_step(model, loss_fn, optimiser, scaler, image, label, amp: bool) -> torch.Tensor:
+def train_step(model, loss_fn, optimiser, scaler, image, label, amp: bool, amp_dtype: str = "auto") -> torch.Tensor:
     """One training step as the bundle trains: forward (autocast) + loss + backward + clipping at 12 + step.
 
-    The gradient scaler skips steps with non-finite gradients (bf16 autocast on CPU produced some).
+    The gradient scaler skips steps with non-finite gradients (bf16 autocast on CPU produced some); MONAI's
+    trainer keeps one under bf16 too.
     """
     optimiser.zero_grad(set_to_none=True)
-    with amp_autocast(image.device, amp):
+    with amp_autocast(image.device, amp, amp_dtype):
         out = model(image)
     loss = loss_fn(out, label)
     scaler.scale(loss).backward()
@@ -242,6 +243,48 @@ def train_step(model, loss_fn, optimiser, scaler, image, label, amp: bool) -> to
     scaler.step(optimiser)
     scaler.update()
     return loss.detach()
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+# Peak dense tensor-core TFLOPS (no sparsity) by GPU name, most specific first: NVIDIA data sheets.
+# "fp32" is the non-tensor-core peak; TF32 is used for float32 runs when matmuls may use it.
+GPU_PEAK_TFLOPS: List = [
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0}),  # SXM ("H100 80GB HBM3")
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+]
+
+
+def gpu_peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    """Dense peak TFLOPS of a GPU (by ``torch.cuda.get_device_name``) for ``bf16|fp16|tf32|fp32``; None if unknown."""
+    for key, peaks in GPU_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks[precision]
+    return None
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs ``fn`` executes, as ``torch.utils.flop_counter`` counts them (matmuls, convolutions, attention).
+
+    The CPU flash-attention kernels are not in PyTorch's table; they are counted like the CUDA ones.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    extra = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -43,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (sets OMP_WAIT_POLICY before torch is imported)
     BASELINES, GIB, MASKSAM_BACKBONES, PRESETS, NotApplicable, PeakMemory, build_dynunet, build_masksam,
     build_swinunetr, cpu_model_name, deep_supervised_dice_ce, environment, masksam_loss, ratio, sgd,
-    amp_autocast, swin_patch, synthetic_pair, timed_runs, train_step, write_json,
+    amp_autocast, count_flops, swin_patch, synthetic_pair, timed_runs, train_step, write_json,
 )
 
 import torch  # noqa: E402
 
-PHASES = ("infer", "train", "volume")
+PHASES = ("infer", "train", "volume")  # "flops" (FLOPs of one train step and one eval forward) on request
 
 # Default CPU plan: (preset, model, depth or None for the preset depth, phases), in priority order — the
 # budget runs out at the end of the list first. Depth-reduced MaskSAM jobs are scaled and flagged.
@@ -126,12 +126,17 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
     k = preset["num_classes"]
     tiny = preset.get("tiny", False)
     amp = bool(job.get("amp", False))
+    amp_dtype = job.get("amp_dtype") or "auto"
     res: Dict = {
         "preset": job["preset"], "model": model_name, "device": str(device), "batch": batch,
         "preset_depth": full_depth, "measured_depth": depth, "amp": amp,
         "use_checkpoint": bool(job.get("use_checkpoint", False)), "phases": list(job["phases"]),
         "fused_attention": bool(job.get("fused_attention", True)), "status": "running",
     }
+    if amp:
+        from scripts.precision import resolve_amp_dtype
+
+        res["amp_dtype"] = str(resolve_amp_dtype(device, amp_dtype)).replace("torch.", "")
     if job.get("label"):
         res["label"] = job["label"]
 
@@ -174,7 +179,7 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
     save()
 
     def autocast():
-        return amp_autocast(device, amp)
+        return amp_autocast(device, amp, amp_dtype)
 
     for phase in job["phases"]:
         if time.perf_counter() > deadline:
@@ -199,12 +204,27 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
             scaler = torch.amp.GradScaler(device.type, enabled=amp)  # skips steps with non-finite grads
 
             def step():
-                train_step(model, loss_fn, optimiser, scaler, image, label, amp)
+                train_step(model, loss_fn, optimiser, scaler, image, label, amp, amp_dtype)
 
             with PeakMemory(device) as mem:
                 t = timed_runs(step, device, warmup, repeats, deadline, f"{tag} train step", log)
             res.update(train_step_s=t["median_s"], train_step_runs=t["runs"], train_step_all_s=t["all_s"],
                        peak_train_gib=mem.gib)
+            del optimiser
+        elif phase == "flops":
+            # Executed FLOPs (torch.utils.flop_counter): checkpointed blocks count their recomputation too.
+            model.train()
+            optimiser = sgd(model, 1e-3)
+            scaler = torch.amp.GradScaler(device.type, enabled=amp)
+            res["train_step_flops"] = count_flops(
+                lambda: train_step(model, loss_fn, optimiser, scaler, image, label, amp, amp_dtype))
+            model.eval()
+
+            def forward():
+                with torch.no_grad(), autocast():
+                    model(image)
+
+            res["infer_patch_flops"] = count_flops(forward)
             del optimiser
         elif phase == "volume":
             model.eval()

@@ -97,15 +97,42 @@ def test_dice_acdc_tiny(tmp_path, acdc_dir):
 
 def test_gpu_figures_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    _run("gpu_figures.py", "--device", "cpu", "--tiny", "--repeats", "1", "--json", str(out))
+    _run("gpu_figures.py", "--device", "cpu", "--tiny", "--repeats", "1", "--peak-tflops", "2.0", "--json", str(out))
     data = json.loads(out.read_text())
     results = data["results"]
-    assert {"vit_t fp32", "vit_t amp", "dynunet fp32", "dynunet amp", "vit_t amp+checkpoint"} <= set(results)
+    assert set(results) == {"vit_t fp32", "vit_t amp", "dynunet fp32", "dynunet amp", "vit_t amp+checkpoint",
+                            "vit_t amp explicit-attention"}
     for label, r in results.items():
-        _positive(r, ["train_iters_per_s", "train_slices_per_s", "peak_train_gib"])
+        _positive(r, ["train_iters_per_s", "train_slices_per_s", "peak_train_gib", "train_step_flops",
+                      "train_step_tflops_per_s", "train_step_mfu"])
+        assert r["peak_tflops"] == 2.0 and r["peak_source"] == "--peak-tflops"
+        assert r["train_step_mfu"] == pytest.approx(r["train_step_tflops_per_s"] / 2.0, rel=0.02, abs=1e-3)
+        assert r["precision"] == ("bf16" if r["amp"] else "fp32")
         if "checkpoint" not in label:
-            _positive(r, ["infer_patch_s", "infer_volume_s"])
-    _positive(data["ratios_to_dynunet"]["vit_t fp32"], ["train_step_s", "infer_volume_s"])
+            _positive(r, ["infer_patch_s", "infer_patch_flops", "infer_patch_mfu", "peak_infer_gib"])
+    # Checkpointing recomputes the encoder blocks: more executed FLOPs for the same step.
+    assert results["vit_t amp+checkpoint"]["train_step_flops"] > results["vit_t amp"]["train_step_flops"]
+    assert results["vit_t amp explicit-attention"]["fused_attention"] is False
+    _positive(data["ratios_to_dynunet"]["vit_t fp32"], ["train_step_s", "infer_patch_s"])
+
+
+def test_gpu_figures_refuses_cuda_without_a_gpu(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_figures.py"), "--json", str(tmp_path / "x.json")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_gpu_peak_table_by_device_name():
+    from common import gpu_peak_tflops
+
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.5
+    assert gpu_peak_tflops("NVIDIA H100 PCIe", "fp16") == 756.0
+    assert gpu_peak_tflops("NVIDIA H200 NVL", "bf16") == 835.5
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    assert gpu_peak_tflops("NVIDIA GeForce RTX 4090", "bf16") is None
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
