@@ -9,10 +9,11 @@ Variants (all give SAM's result with the decomposed relative-position bias, to f
 
 Blocks: ``global`` (the 64 x 64 token grid of the 1024 frame, 12 heads of 64) and ``window`` (the same grid cut
 into 25 windows of 14 x 14, as SAM pads 64 to 70). The SAM weights are frozen and the input needs a gradient,
-as in MaskSAM training. Each (block, variant) runs in its own subprocess, variants interleaved, so the peak RSS
-of one cannot hide in another's; the time is the median of the timed runs after a warm-up.
+as in MaskSAM training. Each (block, variant) runs in its own subprocess (warm-up, then timed runs), so the peak
+RSS of one cannot hide in another's; ``--rounds`` repeats the whole sweep, so that load changes on a shared
+machine hit every variant alike. The time is the median over all timed runs of all rounds.
 
-    python bench/attention_variants.py --slices 1 --repeats 3 --json bench/results/attention_variants_cpu.json
+    python bench/attention_variants.py --rounds 3 --repeats 1 --json bench/results/attention_variants_cpu.json
 """
 
 from __future__ import annotations
@@ -50,17 +51,17 @@ def masked_sdpa(attn, x: torch.Tensor) -> torch.Tensor:
     return attn.proj(out.permute(0, 2, 1, 3).reshape(b, h, w, -1))
 
 
-def worker(block: str, variant: str, slices: int, warmup: int, repeats: int) -> Dict:
+def worker(block: str, variant: str, slices: int, warmup: int, repeats: int, grid: int = VIT_B["grid"]) -> Dict:
     from segment_anything.modeling.image_encoder import Attention, window_partition
     from scripts.attention import sam_attention
 
     torch.manual_seed(0)
-    side = VIT_B["grid"] if block == "global" else VIT_B["window"]
+    side = grid if block == "global" else VIT_B["window"]
     attn = Attention(VIT_B["dim"], VIT_B["heads"], use_rel_pos=True, input_size=(side, side))
     torch.nn.init.normal_(attn.rel_pos_h, std=0.02)
     torch.nn.init.normal_(attn.rel_pos_w, std=0.02)
     attn.requires_grad_(False)
-    x = torch.randn(slices, VIT_B["grid"], VIT_B["grid"], VIT_B["dim"])
+    x = torch.randn(slices, grid, grid, VIT_B["dim"])
     if block == "window":
         x = window_partition(x, VIT_B["window"])[0]  # (slices * 25, 14, 14, C)
     x.requires_grad_(True)
@@ -89,31 +90,43 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--slices", type=int, default=1, help="slices in the batch (B*D)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per subprocess")
+    ap.add_argument("--rounds", type=int, default=3, help="sweeps over all (block, variant) pairs")
+    ap.add_argument("--grid", type=int, default=VIT_B["grid"], help="tokens per side (64 = the 1024 frame)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--blocks", default=",".join(BLOCKS))
     ap.add_argument("--json")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.slices, args.warmup, args.repeats)))
+        print(json.dumps(worker(*args.worker, args.slices, args.warmup, args.repeats, args.grid)))
         return 0
 
     env = {**environment(), "cpu_model": cpu_model_name()}
-    results = []
-    for block in args.blocks.split(","):
-        for variant in args.variants.split(","):
+    configs = [(b, v) for b in args.blocks.split(",") for v in args.variants.split(",")]
+    runs: Dict = {c: [] for c in configs}
+    for round_ in range(args.rounds):
+        for block, variant in configs:
             cmd = [sys.executable, __file__, "--worker", block, variant, "--slices", str(args.slices),
-                   "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--grid", str(args.grid)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                results.append({"block": block, "variant": variant, "status": "error",
-                                "reason": proc.stderr.strip().splitlines()[-1:]})
+                runs[(block, variant)].append({"status": "error", "reason": proc.stderr.strip().splitlines()[-1:]})
             else:
-                results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "status": "ok"})
-            r = results[-1]
-            print(f"{block:7s} {variant:9s} fwd+bwd {r.get('fwd_bwd_s', '-')!s:>8s} s   peak RSS above start "
-                  f"{r.get('peak_rss_above_start_gib', '-')!s:>6s} GiB   {r.get('reason', '')}", flush=True)
+                runs[(block, variant)].append({**json.loads(proc.stdout.strip().splitlines()[-1]), "status": "ok"})
+            r = runs[(block, variant)][-1]
+            print(f"round {round_ + 1}: {block:7s} {variant:9s} fwd+bwd {r.get('fwd_bwd_s', '-')!s:>8s} s   peak RSS "
+                  f"above start {r.get('peak_rss_above_start_gib', '-')!s:>6s} GiB   {r.get('reason', '')}", flush=True)
+    results = []
+    for (block, variant), rs in runs.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        if not ok:
+            results.append({"block": block, "variant": variant, "status": "error", "reason": rs[-1].get("reason")})
+            continue
+        times = [t for r in ok for t in r["all_s"]]
+        results.append({**ok[0], "fwd_bwd_s": round(median(times), 4), "all_s": times, "rounds": len(ok),
+                        "peak_rss_above_start_gib": max(r["peak_rss_above_start_gib"] for r in ok),
+                        "max_rss_gib": max(r["max_rss_gib"] for r in ok), "status": "ok"})
     for block in args.blocks.split(","):
         ref = next((r for r in results if r["block"] == block and r["variant"] == "explicit"
                     and r["status"] == "ok"), None)

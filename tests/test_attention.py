@@ -1,4 +1,4 @@
-"""Fused SAM attention and relative-position tables for frames smaller than 1024 (scripts/attention.py).
+"""Fused SAM/TinyViT attention and relative-position tables for frames smaller than 1024 (scripts/attention.py).
 
 The references are segment_anything's own code: its ``Attention`` / ``ImageEncoderViT`` forward and its
 ``get_rel_pos``; for S < 1024 the reference is SAM's code run with the tables cropped to the grid (spec section 2).
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 
-from scripts.attention import crop_rel_pos, rel_pos_for_grid, rel_pos_logits, sam_attention
+from scripts.attention import crop_rel_pos, rel_pos_for_grid, rel_pos_logits, sam_attention, tiny_vit_attention
 from scripts.backbones import build_sam_parts
 from scripts.image_encoder import AdaptedViTEncoder
 
@@ -156,3 +156,26 @@ def test_fused_encoder_equals_sams_encoder(image_size):
                                         [explicit.blocks[0].attn_adapter.down.weight])
     torch.testing.assert_close(own, exp, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(own_grads[1], exp_grads[1], rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ TinyViT (lite_medsam)
+@pytest.fixture(scope="module")
+def tiny_vit():
+    return build_sam_parts("lite_medsam").image_encoder
+
+
+@pytest.mark.parametrize("layer", [1, 2], ids=["7x7-windows", "14x14-windows"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_tiny_vit_attention_equals_its_own_forward_and_gradients(tiny_vit, layer, mode):
+    """LiteMedSAM's real weights and bias tables; TinyViT switches between a cached and a fresh bias by mode."""
+    attn = tiny_vit.layers[layer].blocks[0].attn
+    attn.train(mode == "train")
+    n = attn.attention_bias_idxs.shape[0]
+    x = torch.randn(6, n, attn.qkv.in_features, generator=torch.Generator().manual_seed(layer))
+    own, own_grads = _forward_and_grads(lambda t: tiny_vit_attention(attn, t), x, [attn.qkv.weight])
+    ref, ref_grads = _forward_and_grads(attn, x, [attn.qkv.weight])
+    torch.testing.assert_close(own, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(own_grads[0], ref_grads[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(own_grads[1], ref_grads[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=f"windows \\(B, {n}, C\\)"):
+        tiny_vit_attention(attn, x[:, :-1])

@@ -79,6 +79,22 @@ def test_speed_memory_figures_for_the_memory_estimator(tmp_path):
         assert f["status"] == "ok" and f["patch"] == [64, 64, 2]
         _positive(f, ["peak_rss_gb", "step_s", "infer_patch_s", "peak_infer_rss_gb"])
     assert json.loads(out.read_text())["results"][1]["fused_attention"] is False
+    from report import attention_table
+
+    table = attention_table(json.loads(out.read_text()))
+    assert "| vit_t | explicit (before) | 1 | yes |" in table and "| dynunet | – | 1 | – |" in table
+
+
+def test_attention_variants_tiny(tmp_path):
+    out = tmp_path / "variants.json"
+    _run("attention_variants.py", "--grid", "16", "--blocks", "global", "--variants", "explicit,fused", "--rounds", "1",
+         "--warmup", "0", "--json", str(out), timeout=300)
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"explicit", "fused"}
+    for r in results.values():
+        assert r["status"] == "ok" and r["block"] == "global" and r["tokens"] == 256, r
+        _positive(r, ["fwd_bwd_s", "speedup_vs_explicit", "max_rss_gib"])
+    assert results["explicit"]["speedup_vs_explicit"] == 1.0
 
 
 def test_dice_acdc_tiny(tmp_path, acdc_dir):

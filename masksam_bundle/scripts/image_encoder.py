@@ -18,7 +18,7 @@ from segment_anything.modeling.image_encoder import window_partition, window_unp
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .adapters import DConvAdapter
-from .attention import sam_attention
+from .attention import sam_attention, tiny_vit_attention
 
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 
@@ -122,11 +122,15 @@ class AdaptedViTEncoder(nn.Module):
 
 
 class AdaptedTinyViTBlock(nn.Module):
-    """A TinyViT block (LiteMedSAM) with the same two DConvAdapters as :class:`AdaptedViTBlock`."""
+    """A TinyViT block (LiteMedSAM) with the same two DConvAdapters as :class:`AdaptedViTBlock`; its window
+    attention runs through :func:`scripts.attention.tiny_vit_attention` (SDPA unless ``fused_attention`` is false)."""
 
-    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+    def __init__(
+        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, fused_attention: bool = True
+    ) -> None:
         super().__init__()
         self.block = block
+        self.fused_attention = fused_attention
         self.attn_adapter = DConvAdapter(block.dim, num_slices)
         self.mlp_adapter = DConvAdapter(block.dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
@@ -137,7 +141,7 @@ class AdaptedTinyViTBlock(nn.Module):
         b, _, c = x.shape
         ws = blk.window_size
         if h == ws and w == ws:
-            return blk.attn(x).view(b, h, w, c)
+            return tiny_vit_attention(blk.attn, x, self.fused_attention).view(b, h, w, c)
         x = x.view(b, h, w, c)
         pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
         if pad_b or pad_r:
@@ -145,7 +149,7 @@ class AdaptedTinyViTBlock(nn.Module):
         ph, pw = h + pad_b, w + pad_r
         nh, nw = ph // ws, pw // ws
         x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        x = blk.attn(x)
+        x = tiny_vit_attention(blk.attn, x, self.fused_attention)
         x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
         return x[:, :h, :w].contiguous()
 
@@ -169,7 +173,9 @@ class AdaptedTinyViTEncoder(nn.Module):
     Multi-level features are the outputs of its four stages (after their patch merging).
     """
 
-    def __init__(self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False) -> None:
+    def __init__(
+        self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False, fused_attention: bool = True
+    ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
         self.layers = encoder.layers
@@ -179,7 +185,7 @@ class AdaptedTinyViTEncoder(nn.Module):
         # Replace each attention block of stages 1..3 by its adapted wrapper (stage 0 is convolutional).
         self.adapted_blocks = nn.ModuleList()
         for layer in list(encoder.layers)[1:]:
-            wrapped = [AdaptedTinyViTBlock(b, num_slices) for b in layer.blocks]
+            wrapped = [AdaptedTinyViTBlock(b, num_slices, fused_attention=fused_attention) for b in layer.blocks]
             self.adapted_blocks.append(nn.ModuleList(wrapped))
         self.depth_embed = nn.Parameter(torch.zeros(num_slices, encoder.patch_embed.seq[-1].c.out_channels))
         self.feature_channels = [self._out_dim(layer) for layer in encoder.layers]

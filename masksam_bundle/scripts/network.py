@@ -37,8 +37,8 @@ class MaskSAM(nn.Module):
         sam_upsample: 1, 2 or 4 — in-plane factor from H to SAM's input side S (S <= 1024; LiteMedSAM: S = 256).
         decoder_channels: prompt-generator stage widths, coarsest to finest.
         use_checkpoint: activation checkpointing in the image encoder (memory for compute).
-        fused_attention: the ViT encoder's attention through SDPA without ``N x N`` matrices (same result as
-            SAM's explicit attention to float tolerance); ``False`` runs SAM's explicit matrices.
+        fused_attention: the image encoder's attention (SAM ViT, LiteMedSAM TinyViT) through SDPA without
+            stored ``N x N`` matrices (same result to float tolerance); ``False`` runs the original explicit code.
     """
 
     def __init__(
@@ -80,7 +80,9 @@ class MaskSAM(nn.Module):
                 parts.image_encoder, num_slices, sam_size, use_checkpoint, fused_attention=fused_attention
             )
         else:
-            self.image_encoder = AdaptedTinyViTEncoder(parts.image_encoder, num_slices, use_checkpoint)
+            self.image_encoder = AdaptedTinyViTEncoder(
+                parts.image_encoder, num_slices, use_checkpoint, fused_attention=fused_attention
+            )
         self.prompt_generator = PromptGenerator(
             embed_channels=parts.mask_decoder.transformer_dim,
             feature_channels=self.image_encoder.feature_channels,
