@@ -124,15 +124,18 @@ def attention_table(data: dict) -> str:
 
 
 def variants_table(data: dict) -> str:
-    """attention_variants.py: one vit_b attention, forward + backward."""
+    """attention_variants.py: one vit_b attention (or whole block), forward + backward."""
     a = data["args"]
-    lines = [f"Machine: {_env_line(data['environment'])}. {a['slices']} slice(s); warm-up {a['warmup']}, median of "
-             f"{a['repeats']} timed runs.", "",
-             "| block | variant | tokens per window | fwd+bwd s | × explicit (speed-up) | peak RSS above start GiB |",
-             "|---|---|---|---|---|---|"]
+    what = "whole adapted ViT-B block" if a.get("scope") == "block" else "attention alone"
+    lines = [f"Machine: {_env_line(data['environment'])}. {what}, {a['slices']} slice(s); each figure the median of "
+             f"{a.get('rounds', 1)} round(s) × {a['repeats']} timed run(s) after {a['warmup']} warm-up(s), "
+             "configurations interleaved.", "",
+             "| block | variant | precision | tokens per window | fwd+bwd s | speed-up vs explicit fp32 | "
+             "speed-up vs fp32 | peak RSS above start GiB |", "|" + "---|" * 8]
     for r in data["results"]:
-        lines.append(f"| {r['block']} | {r['variant']} | {r.get('tokens', '–')} | {_f(r.get('fwd_bwd_s'))} | "
-                     f"{_f(r.get('speedup_vs_explicit'))} | {_f(r.get('peak_rss_above_start_gib'))} |")
+        lines.append(f"| {r['block']} | {r['variant']} | {r.get('precision', 'fp32')} | {r.get('tokens', '–')} | "
+                     f"{_f(r.get('fwd_bwd_s'))} | {_f(r.get('speedup_vs_explicit'))} | {_f(r.get('speedup_vs_fp32'))} | "
+                     f"{_f(r.get('peak_rss_above_start_gib'))} |")
     return "\n".join(lines)
 
 
