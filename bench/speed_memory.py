@@ -71,6 +71,12 @@ PLANS: Dict[str, List] = {
         ("synapse", "vit_b", 2, ("infer", "train")),
         ("amos", "swinunetr", None, ("infer", "train")),
     ],
+    # Eval forward of one ACDC patch (batch 1), the code before against the fused switch, DynUNet as reference.
+    "acdc_inference": [
+        ("acdc", "vit_b", None, ("infer",), dict(label="vit_b explicit infer", batch=1, fused_attention=False)),
+        ("acdc", "vit_b", None, ("infer",), dict(label="vit_b fused infer", batch=1)),
+        ("acdc", "dynunet", None, ("infer",), dict(label="dynunet b1", batch=1)),
+    ],
     "gpu": [(p, m, None, PHASES) for p in ("acdc", "synapse", "amos")
             for m in ("dynunet", "swinunetr", "lite_medsam", "vit_b", "vit_h")],
     "tiny": [("tiny", m, None, PHASES) for m in ("dynunet", "swinunetr", "vit_t")],

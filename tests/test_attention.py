@@ -97,6 +97,20 @@ def test_attention_equals_sams_forward_and_gradients(side, grid, fused):
     assert own_grads[2][:start].abs().sum() == 0 and own_grads[2][start + 2 * grid - 1 :].abs().sum() == 0
 
 
+@pytest.mark.parametrize("side,grid", [(FRAME_GRID, FRAME_GRID), (14, 14), (FRAME_GRID, 23)],
+                         ids=["global-1024", "window", "global-S368"])
+def test_inference_path_in_query_blocks_equals_sams_forward(side, grid, monkeypatch):
+    """Without autograd on CPU the fused switch runs SAM's computation in blocks of query rows."""
+    import scripts.attention as attention
+
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 2 * grid * grid * 7)  # several blocks, the last one short
+    attn = _attention(side=side)
+    reference = attn if grid == side else _with_cropped_tables(attn, grid)
+    x = torch.randn(1, grid, grid, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(sam_attention(attn, x), reference(x), rtol=1e-4, atol=1e-5)
+
+
 def test_fused_attention_keeps_no_token_by_token_matrix():
     """What autograd saves for backward: the fused path keeps O(N) tensors, the explicit one an N x N matrix."""
     attn = _attention(dim=32, heads=1)

@@ -18,6 +18,10 @@ the 1024-frame table — the offsets that exist — instead of segment_anything'
 rescale every token distance by ``1024 / S``. At ``g = 64`` (S = 1024) and in window blocks the crop is the
 whole table.
 
+Without autograd on CPU (inference) nothing is kept for a backward pass, and SAM's explicit computation — run a
+block of query rows at a time so that the transient logits stay small — is faster than SDPA at the extended head
+width; :func:`sam_attention` takes that path there.
+
 :func:`tiny_vit_attention` does the same for LiteMedSAM's TinyViT windows (49 or 196 tokens): its learned
 per-head bias table is a constant of the frozen model, so it goes to SDPA as an additive mask ``(heads, N, N)``
 shared by all windows, and the probabilities of every window are no longer kept.
@@ -121,14 +125,47 @@ def _explicit(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return (logits.softmax(dim=-1) @ v).view(b, heads, n, d)
 
 
+def _explicit_in_chunks(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Tuple[int, int]
+) -> torch.Tensor:
+    """SAM's explicit computation without autograd, a block of query rows at a time.
+
+    Nothing is kept for a backward pass, so only the ``(rows, N)`` logits of one block exist at a time
+    (at most :data:`CHUNK_ELEMENTS` values); the bias is added in place.
+    """
+    h, w = hw
+    b, heads, n, d = q.shape
+    q, k, v = (t.reshape(b * heads, n, d) for t in (q, k, v))
+    if attn.use_rel_pos:
+        rel_h, rel_w = rel_pos_logits(q, attn.rel_pos_h, attn.rel_pos_w, hw)
+    q, keys_t = q * attn.scale, k.transpose(1, 2)
+    out = torch.empty_like(v)
+    rows = max(1, CHUNK_ELEMENTS // (b * heads * n))
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        logits = torch.bmm(q[:, start:stop], keys_t)  # (B*heads, rows, N)
+        if attn.use_rel_pos:
+            grid = logits.view(b * heads, stop - start, h, w)
+            grid += rel_h[:, start:stop, :, None]
+            grid += rel_w[:, start:stop, None, :]
+        out[:, start:stop] = torch.bmm(logits.softmax(dim=-1), v)
+    return out.view(b, heads, n, d)
+
+
+CHUNK_ELEMENTS = 2**25  # logits per query block of the no-grad CPU path (128 MB in float32)
+
+
 def sam_attention(attn: nn.Module, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """Run a SAM ViT ``Attention`` module on a token grid.
 
     Args:
         attn: ``segment_anything.modeling.image_encoder.Attention`` (its weights and tables are used as they are).
         x: ``(B, H, W, C)`` tokens of one window or one whole grid.
-        fused: SDPA without an ``N x N`` matrix (default); ``False`` runs SAM's explicit matrices, for
-            comparison and debugging. Both use the cropped relative-position tables.
+        fused: no stored ``N x N`` matrix (default): SDPA with the bias folded into q/k when autograd records
+            or on CUDA; without autograd on CPU (inference) SAM's explicit computation in blocks of query rows,
+            which is faster there than SDPA at the extended head width and keeps as little memory.
+            ``False`` runs SAM's explicit matrices as they are, for comparison and debugging. All paths use the
+            cropped relative-position tables.
 
     Returns:
         ``(B, H, W, C)``.
@@ -137,7 +174,13 @@ def sam_attention(attn: nn.Module, x: torch.Tensor, fused: bool = True) -> torch
         raise ValueError(f"attention expects tokens (B, H, W, C), got shape {tuple(x.shape)}")
     b, h, w, _ = x.shape
     q, k, v = _qkv(attn, x)
-    out = (_fused if fused else _explicit)(attn, q, k, v, (h, w))  # (B, heads, N, d)
+    if not fused:
+        compute = _explicit
+    elif torch.is_grad_enabled() or x.is_cuda:
+        compute = _fused
+    else:
+        compute = _explicit_in_chunks
+    out = compute(attn, q, k, v, (h, w))  # (B, heads, N, d)
     return attn.proj(out.permute(0, 2, 1, 3).reshape(b, h, w, -1))
 
 
