@@ -96,7 +96,7 @@ PLANS: Dict[str, List] = {
               not_run="known to exceed 20 GB: OOM-killed at 22.1 GB on the 24 GB machine (issue 13)")),
         ("acdc", "vit_b", None, ("train",),
          dict(label="vit_b explicit b1", batch=1, fused_attention=False,
-              not_run="not run: > 20 GB expected (the b1 checkpointed step already peaks near 16 GB; without "
+              not_run="> 20 GB expected (the b1 checkpointed step already peaks near 16 GB; without "
                       "checkpointing all 12 blocks keep their activations and the 4 global blocks their "
                       "4096 x 4096 probabilities, 0.8 GB per slice and block)")),
     ],
