@@ -106,3 +106,13 @@ def test_profile_forward_tiny(tmp_path):
     _positive(data, ["forward_s"])
     assert {"image encoder (frozen SAM + adapters)", "prompt generator (3D U-Net decoder)"} <= set(data["modules_s"])
     assert data["top_ops"] and all(op["self_s"] >= 0 for op in data["top_ops"])
+
+
+def test_tta_cost_tiny(tmp_path, acdc_dir):
+    out = tmp_path / "tta.json"
+    _run("tta_cost.py", "--preset", "tiny", "--volumes", "1", "--crop", "64,64,4", "--mirror-axes", "0",
+         "--data-dir", str(acdc_dir), "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["mirror_axes"] == [0] and len(data["per_volume"]) == 1  # one axis: 2 passes per window
+    _positive(data, ["median_plain_s", "median_mirrored_s", "ratio"])
+    assert data["per_volume"][0]["shape"] == [64, 64, 4]
