@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     }
     log(f"gpu_acdc_accuracy on {env.get('gpu', 'CPU ' + env['cpu_model'])}: {output['recipe']}")
 
-    # data: the recipe's cached training set, one loader shared by both models (same patches, same order)
+    # data: the recipe's cached training set and augmentation, one loader shared by both models
     t = time.perf_counter()
     dataset = parser.get_parsed_content("train#dataset")
     loader = DataLoader(dataset, batch_size=parser.get_parsed_content("batch_size"), shuffle=True, drop_last=True,

@@ -40,6 +40,8 @@ def test_rotated_and_scaled_patch_has_no_zero_filled_corners():
     xform.set_random_state(0)
     out = xform({"image": image, "label": label})
     assert len(out) == 1 and xform.draws == [(math.pi / 4, 1.4)]
+    xform.set_random_state(0)  # the centre sampler draws from its own stream, not a copy of the rotation draws
+    assert xform.R.uniform() != xform.sampler.cropper.R.uniform()
     patch = out[0]["image"]
     assert tuple(patch.shape) == (1, *PATCH)
     assert float(patch.min()) > 0.999 and float(patch.max()) < 1.001

@@ -128,7 +128,8 @@ class RandAffineCropByLabelClassesd(Randomizable, MapTransform):
 
     def set_random_state(self, seed: Optional[int] = None, state: Optional[np.random.RandomState] = None):
         super().set_random_state(seed, state)
-        self.sampler.set_random_state(seed, state)
+        # a seed of its own: with the same seed, the centre's class draw and the rotation draw would be equal
+        self.sampler.set_random_state(seed=int(self.R.randint(np.iinfo(np.int32).max)))
         return self
 
     def randomize(self, data: Optional[Mapping] = None) -> None:
