@@ -14,6 +14,7 @@ from scripts.network import MaskSAM
 from scripts.pretrained import (
     MANIFEST,
     load_trained_state,
+    main,
     read_pieces,
     rebuild_model,
     save_pieces,
@@ -104,21 +105,27 @@ def test_missing_corrupt_and_mismatched_pieces_are_named(trained_lite, tmp_path)
         load_trained_state(fresh, {**tensors, frozen_key: fresh.state_dict()[frozen_key]})
 
 
-def test_cli_rebuilds_and_never_overwrites(trained_lite, tmp_path):
+def test_cli_rebuilds_and_never_overwrites(trained_lite, tmp_path, capsys):
+    """``python -m scripts.pretrained`` (its ``main``): exit 1 with the reason, nothing replaced; then a rebuild."""
     _, pieces, _ = trained_lite
     out = tmp_path / "model.pt"
     out.write_bytes(b"keep me")
-    cmd = [sys.executable, "-m", "scripts.pretrained", "--pieces", str(pieces), "--output", str(out)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 1 and "exists; pass --overwrite" in proc.stderr
+    args = ["--pieces", str(pieces), "--output", str(out)]
+    assert main(args) == 1 and "exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
-    proc = subprocess.run(cmd + ["--overwrite"], cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--backbone lite_medsam" in proc.stdout and "--patch_size '[256,256,4]'" in proc.stdout
+    assert main(args + ["--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "--backbone lite_medsam" in printed and "--patch_size '[256,256,4]'" in printed
     assert set(torch.load(out, weights_only=True)) == set(MaskSAM(**LITE).state_dict())
-    with pytest.raises(FileNotFoundError, match=f"no {MANIFEST} in"):
-        rebuild_model(str(tmp_path / "none"), str(tmp_path / "x.pt"))
+    assert main(["--pieces", str(tmp_path / "none"), "--output", str(tmp_path / "x.pt")]) == 1
+    assert f"no {MANIFEST} in" in capsys.readouterr().err
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scripts.pretrained", "--pieces", str(tmp_path), "--output",
+                           str(tmp_path / "model.pt")], cwd=BUNDLE, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 1 and f"no {MANIFEST} in" in proc.stderr
 
 
 def test_random_frozen_backbones_cannot_be_rebuilt(tmp_path):

@@ -86,7 +86,7 @@ def test_configs_mirror_in_evaluation_and_inference_not_in_training_validation()
 
 @pytest.mark.parametrize("files,flag,expected", [
     ("['configs/inference.yaml','configs/tiny.yaml']", "true", "True"),  # tiny.yaml turns it off
-    ("['configs/train.yaml','configs/evaluate.yaml']", "false", "False"),
+    # (train.yaml + evaluate.yaml with --tta_mirror false: the ConfigParser test above; one CLI run suffices)
 ])
 def test_switch_through_the_bundle_cli(files, flag, expected):
     """``--tta_mirror false|true`` reaches the inferer as a bool (the CLI hands over the string "false")."""
