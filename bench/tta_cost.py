@@ -47,7 +47,7 @@ def build(preset: str):
     network = parser.get_parsed_content("network").eval()
     preprocessing = parser.get_parsed_content("preprocessing")
     inferer = parser.get_parsed_content("inferer")
-    return network, preprocessing, inferer, dict(parser["model_settings"])
+    return network, preprocessing, inferer, dict(parser.get_parsed_content("model_settings"))
 
 
 def main(argv=None) -> int:
@@ -96,11 +96,12 @@ def main(argv=None) -> int:
         out["per_volume"].append({"image": name, "shape": list(x.shape[2:]), "plain_s": round(times[False], 2),
                                   "mirrored_s": round(times[True], 2)})
         log(f"{name} {list(x.shape[2:])}: plain {times[False]:.1f} s, mirrored {times[True]:.1f} s")
+        # the summary so far after every volume: a run stopped early still leaves consistent figures
+        out["volumes_done"] = len(plain_s)
+        out["median_plain_s"] = round(median(plain_s), 2)
+        out["median_mirrored_s"] = round(median(mirrored_s), 2)
+        out["ratio"] = ratio(out["median_mirrored_s"], out["median_plain_s"])
         write_json(args.json, out)
-    out["median_plain_s"] = round(median(plain_s), 2)
-    out["median_mirrored_s"] = round(median(mirrored_s), 2)
-    out["ratio"] = ratio(out["median_mirrored_s"], out["median_plain_s"])
-    write_json(args.json, out)
     log(f"median per volume: plain {out['median_plain_s']} s, mirrored {out['median_mirrored_s']} s, "
         f"ratio {out['ratio']}")
     return 0
