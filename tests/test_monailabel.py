@@ -317,6 +317,15 @@ def test_no_model_box_segments_the_lv(server_no_model, tmp_path):
     status, ctype, body = server_no_model.post(f"/infer/masksam_interactive?image={CASE}&output=json",
                                                fields={"params": json.dumps(params)})
     assert status == 200 and json.loads(body)["encoder_runs"] == 0
+    # Slicer's deepgrow panel sends clicks only: foreground clicks at the LV's edges span the box zero-shot needs.
+    lv = np.argwhere(truth[..., z] == 3)
+    edges = [lv[lv[:, a].argmin()] for a in (0, 1)] + [lv[lv[:, a].argmax()] for a in (0, 1)]
+    params = {"label": "lv", "foreground": [[int(i), int(j), z] for i, j in edges]}
+    status, ctype, body = server_no_model.post(f"/infer/masksam_interactive?image={CASE}&output=all",
+                                               fields={"params": json.dumps(params)})
+    result, data = _multipart(ctype, body)
+    pred = _nifti(data, tmp_path, "clicks")[0][..., z].astype(bool)
+    assert status == 200 and "hint" not in result and 2 * (pred & gt).sum() / (pred.sum() + gt.sum()) >= 0.8
 
 
 @pytest.mark.slow

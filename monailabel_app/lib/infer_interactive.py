@@ -59,6 +59,7 @@ from lib.params import BadParameter, InteractiveRequest, check_label_map, parse_
 logger = logging.getLogger(__name__)
 
 CONFIDENT = 0.5  # class probability under which the model is taken to have missed the structure on a slice
+CLICK_BOX_MARGIN = 5  # voxels added around the box that zero-shot foreground clicks span
 
 
 def _bad(message: str) -> MONAILabelException:
@@ -195,6 +196,10 @@ class MaskSAMInteractiveTask(InferTask):
             "embedding_cache": {"entries": len(self.cache), "mib": round(self.cache.bytes / 2**20, 1),
                                 "max_mib": round(self.cache.max_bytes / 2**20)},
         }
+        if not self.has_trained_model and req.box is None and any(len(req.clicks_on(z)[0]) < 2 for z in req.slices()):
+            result["hint"] = ("zero-shot LiteMedSAM was trained with box prompts only and does not segment from one "
+                              "click: draw a box (roi), or place two or more foreground clicks near the structure's "
+                              f"edges on the slice (they span its box, widened by {CLICK_BOX_MARGIN} voxels)")
         logger.info(f"MaskSAM interactive: {result}")
         return path, result
 
@@ -220,6 +225,16 @@ class MaskSAMInteractiveTask(InferTask):
         extends = old_box == box and old_fg == fg[: len(old_fg)] and old_bg == bg[: len(old_bg)]
         return pred if extends and len(fg) + len(bg) > len(old_fg) + len(old_bg) else None
 
+    @staticmethod
+    def _box_of_clicks(fg, shape, margin: int = CLICK_BOX_MARGIN):
+        """Zero-shot LiteMedSAM segments from boxes only (its decoder was trained with boxes): two or more
+        foreground clicks on a slice without a box span one, widened by ``margin`` voxels (3D Slicer's deepgrow
+        panel sends clicks, not boxes)."""
+        pts = np.asarray(fg)
+        lo = np.maximum(pts.min(0) - margin, 0)
+        hi = np.minimum(pts.max(0) + margin, np.asarray(shape[:2]) - 1)
+        return (tuple(int(v) for v in lo), tuple(int(v) for v in hi))
+
     def _run_prompt(self, assist, volume: torch.Tensor, req: InteractiveRequest, key, slices=None):
         """Prompt-only path in ``volume``'s voxel space -> (mask, region, info)."""
         shape = tuple(volume.shape[1:])
@@ -232,6 +247,8 @@ class MaskSAMInteractiveTask(InferTask):
             box = None
             if req.box is not None and req.box[0][2] <= z <= req.box[1][2]:
                 box = (tuple(req.box[0][:2]), tuple(req.box[1][:2]))
+            elif not assist.trained and len(fg) >= 2:
+                box = self._box_of_clicks(fg, shape)
             pred = assist.predict_slice(key, volume, z, box=box, foreground=fg, background=bg,
                                         mask_prompt=self._mask_prompt(req, key, z, fg, bg, box))
             self._rounds[(key, req.target, z)] = (fg, bg, box, pred)
