@@ -18,6 +18,7 @@ structure's largest slice propagated through the volume.
 
     python bench/interactive_acdc.py --json bench/results/interactive_acdc_zero_shot.json
     python bench/interactive_acdc.py --patients 1 --slices 1 --max-clicks 3 --json /tmp/i.json    # smoke size
+    python bench/interactive_acdc.py --report bench/results/interactive_acdc_zero_shot.json      # Markdown tables
     python bench/interactive_acdc.py --checkpoint masksam_bundle/models/model.pt \\
         --config masksam_bundle/configs/inference.yaml --json bench/results/interactive_acdc_trained.json
 """
@@ -141,6 +142,43 @@ def load_trained(checkpoint: str, configs: Sequence[str]):
     return net.eval(), parser.get_parsed_content("intensity_transform", instantiate=True)
 
 
+# --------------------------------------------------------------------------------------------- report
+def render(data: Dict) -> str:
+    """Markdown tables of one results JSON (for docs/benchmarks.md; no figure typed by hand)."""
+    env, a = data["environment"], data["args"]
+    lines = [f"Mode: {data['mode']}; {data['volumes']} volumes of {len(data['patients'])} validation patients "
+             f"({', '.join(data['patients'])}); mask prompt from the previous round: {a['mask_prompt']}; candidate "
+             f"selection by clicks: {a.get('click_selection', 'on')}; at most "
+             f"{a['max_clicks']} clicks. Machine: {env.get('cpu_model')}, {env.get('cpu_count')} cores, "
+             f"{env.get('torch_threads')} torch threads, load average at start {env.get('load_avg_1_5_15')} "
+             f"(shared); {env.get('date_utc')}; run took {data['elapsed_s']} s.", "",
+             "| structure | n | box | box+1 | box+2 | 1 click | 3 clicks | 5 clicks | NoC@85 | NoC@90 | "
+             "not reaching 90 % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in data["summary"].items():
+        lines.append(f"| {name} | {s.get('n', '')} | {s['dice box']:.3f} | {s['dice box+1']:.3f} | "
+                     f"{s['dice box+2']:.3f} | {s['dice 1 click']:.3f} | {s['dice 3 clicks']:.3f} | "
+                     f"{s['dice 5 clicks']:.3f} | {s['NoC@85']:.2f} | {s['NoC@90']:.2f} | "
+                     f"{s['NoC@90 not reached %']:.0f} % |")
+    t = data["seconds_per_interaction"]
+    if t:
+        lines += ["", "| interaction | median s | n |", "|---|---|---|"]
+        lines += [f"| {k} | {v['median']:.2f} | {v['n']} |" for k, v in t.items() if v["median"] is not None]
+    if data.get("propagation_dice_3d"):
+        prop = data["propagation_dice_3d"]
+        lines += ["", "3D Dice of one tight box on the structure's largest slice, propagated: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in prop.items()) + "."]
+    return "\n".join(lines)
+
+
+def restrict(data: Dict, patients: int) -> Dict:
+    """A results JSON cut to its first ``patients`` patients (summary recomputed; timings and propagation dropped)."""
+    keep = data["patients"][:patients]
+    records = [r for r in data["records"] if r["case"].split("_")[0] in keep]
+    return {**data, "patients": keep, "volumes": len({r["case"] for r in records}), "records": records,
+            "summary": summarise(records, data["args"]["max_clicks"]), "propagation_dice_3d": {},
+            "seconds_per_interaction": {}, "elapsed_s": f"{data['elapsed_s']} (whole run)"}
+
+
 # --------------------------------------------------------------------------------------------- main
 def summarise(records: List[Dict], max_clicks: int) -> Dict:
     out: Dict = {}
@@ -172,11 +210,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-clicks", type=int, default=10)
     ap.add_argument("--mask-prompt", choices=("on", "off"), default="off",
                     help="previous round's logits as mask prompt (SAM's loop); see the docs for both measured")
+    ap.add_argument("--click-selection", choices=("on", "off"), default="on",
+                    help="keep the decoder candidate that honours most clicks (on) or SAM's plain choice (off)")
     ap.add_argument("--checkpoint", default=None, help="a trained model.pt: benchmark the trained prompt path")
     ap.add_argument("--config", nargs="+", default=[str(BUNDLE_ROOT / "configs" / "inference.yaml")])
     ap.add_argument("--no-propagation", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--report", nargs="+", default=None, help="print the Markdown tables of results JSON file(s)")
     args = ap.parse_args(argv)
+    if args.report:
+        results = [json.loads(Path(p).read_text()) for p in args.report]
+        if args.patients is not None:  # compare runs on the same patients: summaries recomputed from the records
+            results = [restrict(r, args.patients) for r in results]
+        print("\n\n".join(render(r) for r in results))
+        return 0
     torch.set_grad_enabled(False)
 
     data = json.loads((args.data_dir / "dataset.json").read_text())
@@ -188,12 +235,14 @@ def main(argv=None) -> int:
         items = [e for e in items if Path(e["image"]).name.split("_")[0] in patients]
     structures = {n: STRUCTURES[n] for n in args.structures.split(",")}
 
+    select = args.click_selection == "on"
     if args.checkpoint:
         net, intensity = load_trained(args.checkpoint, args.config)
-        assist, mode = PromptAssist(net, trained=True), "trained"
+        assist, mode = PromptAssist(net, trained=True, select_by_clicks=select), "trained"
     else:
         net, intensity = zero_shot_network(), None
-        assist, mode = PromptAssist(net, trained=False), "zero-shot (LiteMedSAM, adapters at zero)"
+        assist = PromptAssist(net, trained=False, select_by_clicks=select)
+        mode = "zero-shot (LiteMedSAM, adapters at zero)"
     log(f"interactive_acdc: {mode}; {len(items)} volumes of {len(patients)} patients; mask prompt {args.mask_prompt}")
 
     started = time.time()
