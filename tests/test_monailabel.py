@@ -1,4 +1,5 @@
-"""MONAI Label end to end: the real server on 127.0.0.1 with a temporary copy of the bundle and a tiny checkpoint.
+"""MONAI Label end to end: the real server on 127.0.0.1 with a temporary copy of the bundle and a tiny checkpoint
+(both tasks), and with no checkpoint at all (the zero-shot annotation assist: LiteMedSAM through the prompt path).
 
 The server runs in MONAI Label's own environment (monailabel_app/setup_env.sh; it needs numpy < 2). Without that
 environment the server tests are skipped, except under CI=true, where they fail: CI must create it.
