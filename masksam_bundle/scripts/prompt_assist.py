@@ -42,7 +42,9 @@ __all__ = [
     "PromptAssist",
     "SliceFrame",
     "SlicePrediction",
+    "VolumePrediction",
     "lite_medsam_input",
+    "tight_box",
     "zero_shot_network",
 ]
 
