@@ -6,7 +6,7 @@ slice is one SAM prompt (box + mask), so the frozen decoder predicts one mask pe
 turns its output into K+1 class logits.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -185,3 +185,64 @@ class ClassifyingMaskDecoder(nn.Module):
         masks = torch.einsum("qc,qchw->qhw", hyper, upscaled)
         class_logits = self.class_head(hs[:, -1])
         return class_logits.reshape(b, d, n, -1), masks.reshape(b, d, n, *masks.shape[-2:])
+
+    def decode_prompts(
+        self,
+        image_embedding: torch.Tensor,
+        num_prompts: int = 1,
+        boxes_px: Optional[torch.Tensor] = None,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        mask_prompt: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-only decoding (spec section 11, "prompt-only assist"): user prompts, no class token or head.
+
+        SAM's prompt encoder and the adapted two-way transformer with SAM's own output tokens (IoU token and
+        the 4 mask tokens) only; the adapters and the decoder depth embedding apply as trained (at zero they
+        add nothing, so the result is plain SAM / LiteMedSAM).
+
+        Args:
+            image_embedding: ``(B*D, C, g, g)`` (D = the network's ``num_slices``).
+            num_prompts: N, prompt sets per slice, ordered ``(b, d, n)``.
+            boxes_px: optional ``(B, D, N, 4)`` xyxy in SAM-frame pixels.
+            points: optional ``(coords (B*D*N, P, 2) px, labels (B*D*N, P))``; labels 1/0, -1 padding.
+            mask_prompt: optional ``(B, D, N, 4g, 4g)`` mask logits (e.g. the previous round's output).
+
+        Returns:
+            mask logits ``(B, D, N, 4, 4g, 4g)`` (token 0 = SAM's single-mask output, 1..3 the multimask
+            outputs) and predicted IoU ``(B, D, N, 4)``.
+        """
+        bd, c, g = image_embedding.shape[0], image_embedding.shape[1], image_embedding.shape[-1]
+        d, n = self.num_slices, int(num_prompts)
+        if bd % d:
+            raise ValueError(f"image_embedding must be (B*D, C, g, g) with D={d}, got {tuple(image_embedding.shape)}")
+        b = bd // d
+        if boxes_px is None and points is None:
+            raise ValueError("decode_prompts needs a box or points")
+        if boxes_px is not None and tuple(boxes_px.shape) != (b, d, n, 4):
+            raise ValueError(f"boxes_px must be (B, D, N, 4) = {(b, d, n, 4)}, got {tuple(boxes_px.shape)}")
+        if points is not None and (points[0].ndim != 3 or points[0].shape[0] != b * d * n):
+            raise ValueError(f"point coords must be (B*D*N={b * d * n}, P, 2), got {tuple(points[0].shape)}")
+        if mask_prompt is not None and tuple(mask_prompt.shape) != (b, d, n, 4 * g, 4 * g):
+            raise ValueError(f"mask_prompt must be (B, D, N, 4g, 4g) = {(b, d, n, 4 * g, 4 * g)}, "
+                             f"got {tuple(mask_prompt.shape)}")
+        sparse, dense = self.prompt_encoder(
+            points=points,
+            boxes=None if boxes_px is None else boxes_px.reshape(-1, 4),
+            masks=None if mask_prompt is None else mask_prompt.reshape(-1, 1, 4 * g, 4 * g),
+        )
+        if mask_prompt is None:  # SAM's "no mask" embedding on this frame's g x g grid (not its full 64 x 64)
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, c, 1, 1).expand(b * d * n, c, g, g)
+
+        dec = self.mask_decoder
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (1 + M, C)
+        tokens = torch.cat([output_tokens.expand(b * d * n, -1, -1), sparse], dim=1)
+        per_prompt = (b, d, n, c, g, g)
+        src = image_embedding.reshape(b, d, 1, c, g, g).expand(per_prompt).reshape(-1, c, g, g) + dense
+        pos = self.dense_positional_encoding().reshape(1, d, 1, c, g, g).expand(per_prompt).reshape(-1, c, g, g)
+
+        hs, keys = self.transformer(src, pos, tokens, QueryLayout(b, d, n))
+        upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(-1, c, g, g))  # (BDN, C/8, 4g, 4g)
+        hyper = torch.stack([mlp(hs[:, 1 + m]) for m, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+        masks = torch.einsum("qmc,qchw->qmhw", hyper, upscaled)
+        iou = dec.iou_prediction_head(hs[:, 0])
+        return masks.reshape(b, d, n, *masks.shape[1:]), iou.reshape(b, d, n, -1)

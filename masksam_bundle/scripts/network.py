@@ -191,6 +191,32 @@ class MaskSAM(nn.Module):
                                   align_corners=False).reshape(b, d, n, h, w)
         return {"pred_logits": class_logits, "pred_masks": masks, "aux_masks": aux_masks, "aux_boxes": aux_boxes}
 
+    # ------------------------------------------------------------------ prompt-only assist (spec section 11)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embedding ``(B*D, 256, g, g)`` of an input ``(B, C, H, W, D)`` through the (trained) modality
+        adapter and adapted encoder, without the prompt generator (all the prompt-only path needs)."""
+        self.check_input(x)
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x
+        b, _, h, w, d = x.shape
+        image = self.modality_adapter(x.permute(0, 1, 4, 2, 3)).transpose(1, 2)  # (B, D, 3, S, S)
+        return self.image_encoder(image.reshape(b * d, 3, self.sam_size, self.sam_size))[0]
+
+    def decode_prompts(
+        self,
+        embedding: torch.Tensor,
+        num_prompts: int = 1,
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        mask_prompt: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One structure per prompt set from user prompts only (no generated prompts, class token or head).
+
+        See :meth:`ClassifyingMaskDecoder.decode_prompts`: ``embedding (B*D, C, g, g)``, ``boxes (B, D, N, 4)``
+        and ``points`` in SAM-frame pixels, ``mask_prompt (B, D, N, 4g, 4g)`` logits. Returns mask logits
+        ``(B, D, N, 4, 4g, 4g)`` at the decoder's resolution and predicted IoU ``(B, D, N, 4)``.
+        """
+        return self.decoder.decode_prompts(embedding, num_prompts, boxes, points, mask_prompt)
+
     def forward(self, x: torch.Tensor):
         sets = self.forward_sets(x)
         if self.training:
