@@ -20,7 +20,7 @@ from scripts.backbones import (
 )
 from scripts.box_ops import masks_to_boxes
 from scripts.image_encoder import AdaptedTinyViTEncoder, AdaptedViTBlock, AdaptedViTEncoder
-from scripts.prompt_generator import mask_avg_box_prompt
+from scripts.prompt_generator import mask_avg_box, mask_avg_box_prompt, mask_box_prompt
 
 K = 4
 
@@ -299,6 +299,14 @@ def test_masks_to_boxes_and_mask_avg_box_prompt():
     assert not prompt.requires_grad
     torch.testing.assert_close(prompt[0], torch.tensor([0.2, 0.15, 0.6, 0.625]))
     torch.testing.assert_close(prompt[2], learnable[2].detach())  # empty aux mask: learnable box alone
+
+    # The supervised box prompt (box_loss_on="prompt"): the same values, gradient x0.5 where averaged.
+    supervised = mask_avg_box(logits, learnable)
+    torch.testing.assert_close(supervised.detach(), prompt)
+    supervised.sum().backward()
+    torch.testing.assert_close(learnable.grad, torch.tensor([[0.5] * 4, [0.5] * 4, [1.0] * 4]))
+    # Mask-only prompts (ablation B1): the aux mask's box, the whole frame where it is empty.
+    torch.testing.assert_close(mask_box_prompt(logits), torch.stack([boxes[0], boxes[1], torch.tensor([0.0, 0, 1, 1])]))
 
 
 def test_sam_weights_frozen_and_gradients_reach_trainable_only():

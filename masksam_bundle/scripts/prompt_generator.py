@@ -204,18 +204,18 @@ def mask_avg_box(aux_mask_logits: torch.Tensor, learnable_boxes: torch.Tensor) -
         learnable_boxes: ``(..., 4)`` xyxy in [0, 1].
 
     Returns:
-        ``(..., 4)`` xyxy in [0, 1].
+        ``(..., 4)`` float32 xyxy in [0, 1].
     """
     with torch.no_grad():
         mask_boxes, nonempty = masks_to_boxes(aux_mask_logits > 0)
-    mask_boxes = mask_boxes.to(learnable_boxes.dtype)
-    return torch.where(nonempty[..., None], 0.5 * (mask_boxes + learnable_boxes), learnable_boxes)
+    learnable = learnable_boxes.float()  # float32 under AMP too: x 1024 frame pixels needs the precision
+    return torch.where(nonempty[..., None], 0.5 * (mask_boxes + learnable), learnable)
 
 
 def mask_avg_box_prompt(aux_mask_logits: torch.Tensor, learnable_boxes: torch.Tensor) -> torch.Tensor:
     """:func:`mask_avg_box` without gradient: the box prompt SAM's frozen prompt encoder receives."""
     with torch.no_grad():
-        return mask_avg_box(aux_mask_logits, learnable_boxes.detach().float())
+        return mask_avg_box(aux_mask_logits, learnable_boxes.detach())
 
 
 def mask_box_prompt(aux_mask_logits: torch.Tensor) -> torch.Tensor:
