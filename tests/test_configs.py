@@ -138,3 +138,17 @@ def test_training_vit_b_without_sam_checkpoint_stops_before_any_work(tmp_path, a
     assert not out.exists() and not models.exists()
     assert "Loading dataset" not in log and "SupervisedTrainer" not in log
     print(f"refused after {elapsed:.1f} s (interpreter and MONAI start-up included)")
+
+
+def test_inference_yaml_builds_the_network_an_ablation_overlay_trains():
+    """A model trained with an overlay loads into inference.yaml's network with the same overlay."""
+    overlay = "ablation/B1.yaml"
+    trained = parser_for("train.yaml", "tiny.yaml", overlay).get_parsed_content("network_def")
+    served = parser_for("inference.yaml", "tiny.yaml", overlay).get_parsed_content("network_def")
+    served.load_state_dict(trained.state_dict(), strict=True)
+    assert served.prompt_mode == "mask" and served.prompt_generator.box_head is None
+    for preset in ("acdc.yaml", "synapse.yaml", "amos.yaml"):  # presets overlay inference.yaml too
+        assert parser_for("inference.yaml", preset)["decoder_channels"] is not None
+    full = parser_for("inference.yaml", "tiny.yaml").get_parsed_content("network_def")
+    with pytest.raises(RuntimeError, match="box_head"):
+        full.load_state_dict(trained.state_dict(), strict=True)
