@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .adapters import DConvAdapter
+from .adapters import image_adapter
 
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 
@@ -24,16 +24,20 @@ EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 class AdaptedViTBlock(nn.Module):
     """A SAM ViT block with a DConvAdapter on the attention output and one parallel to the MLP (x0.5).
 
+    ``adapter`` picks another adapter kind for the ablation (:data:`scripts.adapters.IMAGE_ADAPTERS`).
+
     The attention-side adapter runs after window un-partitioning, so its depth convolution always sees the
     full per-slice token grid (the authors' release ran it on windows; spec section 5 "release bug").
     """
 
-    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+    def __init__(
+        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, adapter: str = "dconv"
+    ) -> None:
         super().__init__()
         self.block = block
         dim = block.norm1.normalized_shape[0]
-        self.attn_adapter = DConvAdapter(dim, num_slices)
-        self.mlp_adapter = DConvAdapter(dim, num_slices)
+        self.attn_adapter = image_adapter(adapter, dim, num_slices)
+        self.mlp_adapter = image_adapter(adapter, dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,14 +65,17 @@ class AdaptedViTEncoder(nn.Module):
     A learnable, zero-initialised depth embedding (one C-vector per slice) is added after the patch embedding.
     """
 
-    def __init__(self, encoder: nn.Module, num_slices: int, image_size: int, use_checkpoint: bool = False) -> None:
+    def __init__(
+        self, encoder: nn.Module, num_slices: int, image_size: int, use_checkpoint: bool = False,
+        adapter: str = "dconv", depth_embed: bool = True,
+    ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
         self.pos_embed = encoder.pos_embed  # (1, 64, 64, C) frozen
         self.neck = encoder.neck
-        self.blocks = nn.ModuleList([AdaptedViTBlock(b, num_slices) for b in encoder.blocks])
+        self.blocks = nn.ModuleList([AdaptedViTBlock(b, num_slices, adapter=adapter) for b in encoder.blocks])
         dim = self.pos_embed.shape[-1] if self.pos_embed is not None else encoder.blocks[0].norm1.normalized_shape[0]
-        self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim))
+        self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim)) if depth_embed else None
         self.num_slices = num_slices
         self.grid = image_size // 16
         self.use_checkpoint = use_checkpoint
@@ -82,8 +89,9 @@ class AdaptedViTEncoder(nn.Module):
         bd, g, _, c = x.shape
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, :g, :g, :]
-        depth = self.depth_embed.repeat(bd // self.num_slices, 1)  # (B*D, C), slice index inner
-        x = x + depth[:, None, None, :]
+        if self.depth_embed is not None:
+            depth = self.depth_embed.repeat(bd // self.num_slices, 1)  # (B*D, C), slice index inner
+            x = x + depth[:, None, None, :]
         features = []
         for i, blk in enumerate(self.blocks):
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -99,11 +107,13 @@ class AdaptedViTEncoder(nn.Module):
 class AdaptedTinyViTBlock(nn.Module):
     """A TinyViT block (LiteMedSAM) with the same two DConvAdapters as :class:`AdaptedViTBlock`."""
 
-    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+    def __init__(
+        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, adapter: str = "dconv"
+    ) -> None:
         super().__init__()
         self.block = block
-        self.attn_adapter = DConvAdapter(block.dim, num_slices)
-        self.mlp_adapter = DConvAdapter(block.dim, num_slices)
+        self.attn_adapter = image_adapter(adapter, block.dim, num_slices)
+        self.mlp_adapter = image_adapter(adapter, block.dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
 
     def _window_attention(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -144,7 +154,10 @@ class AdaptedTinyViTEncoder(nn.Module):
     Multi-level features are the outputs of its four stages (after their patch merging).
     """
 
-    def __init__(self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False) -> None:
+    def __init__(
+        self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False, adapter: str = "dconv",
+        depth_embed: bool = True,
+    ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
         self.layers = encoder.layers
@@ -154,9 +167,10 @@ class AdaptedTinyViTEncoder(nn.Module):
         # Replace each attention block of stages 1..3 by its adapted wrapper (stage 0 is convolutional).
         self.adapted_blocks = nn.ModuleList()
         for layer in list(encoder.layers)[1:]:
-            wrapped = [AdaptedTinyViTBlock(b, num_slices) for b in layer.blocks]
+            wrapped = [AdaptedTinyViTBlock(b, num_slices, adapter=adapter) for b in layer.blocks]
             self.adapted_blocks.append(nn.ModuleList(wrapped))
-        self.depth_embed = nn.Parameter(torch.zeros(num_slices, encoder.patch_embed.seq[-1].c.out_channels))
+        width = encoder.patch_embed.seq[-1].c.out_channels
+        self.depth_embed = nn.Parameter(torch.zeros(num_slices, width)) if depth_embed else None
         self.feature_channels = [self._out_dim(layer) for layer in encoder.layers]
         self.feature_strides = [2, 4, 4, 4]
 
@@ -174,8 +188,9 @@ class AdaptedTinyViTEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         x = self.patch_embed(x)  # (B*D, 64, 256, 256)
         bd = x.shape[0]
-        depth = self.depth_embed.repeat(bd // self.num_slices, 1)
-        x = x + depth[:, :, None, None]
+        if self.depth_embed is not None:
+            depth = self.depth_embed.repeat(bd // self.num_slices, 1)
+            x = x + depth[:, :, None, None]
         features = []
         x = self._run(self.layers[0], x)  # conv stage -> tokens (B*D, L, C)
         features.append(x)
