@@ -7,6 +7,10 @@ Models (``GET /info`` lists them):
 - ``masksam_interactive``: ``lib.infer_interactive.MaskSAMInteractiveTask``: the annotator's clicks/box as
   SAM prompts for one label on the clicked slices; the other labels are left untouched.
 
+The network is built from ``configs/inference.yaml``, which reads the settings recorded beside the weights
+(``models/model.json``: backbone, classes, N, patch, ...), so any model the bundle trained works unchanged; the
+label names the app announces come from that file too (``trained_labels``), else from ``metadata.json``.
+
 The bundle is found, in this order: ``--conf bundle_path DIR``; ``<app>/model/<name>`` where ``name`` is
 ``--conf models`` (default ``masksam_bundle``; the monaibundle sample app's convention); the repository's own
 ``masksam_bundle/`` beside this folder. Nothing is downloaded: no zoo lookup, no SAM2 (``--conf sam2 true``
@@ -14,9 +18,10 @@ would add MONAI Label's SAM2 tasks, which download weights), no dcmqi tools for 
 Start it with ``monailabel_app/start_server.sh STUDIES_DIR`` (binds 127.0.0.1 by default).
 """
 
+import json
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import monailabel
 from monailabel.interfaces.app import MONAILabelApp
@@ -55,6 +60,17 @@ def resolve_bundle(app_dir: str, conf: Dict[str, str]) -> str:
     raise FileNotFoundError(f"no MaskSAM bundle found; looked in {[c for c in candidates if c]}")
 
 
+def trained_labels(bundle_path: str) -> Optional[Dict[str, int]]:
+    """``{name: index}`` of the foreground classes recorded in ``models/model.json`` (written by the bundle's
+    training beside ``model.pt``), or ``None`` when there is no such file."""
+    path = os.path.join(bundle_path, "models", "model.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        names = (json.load(f).get("settings") or {}).get("class_names")
+    return {str(n).lower(): i for i, n in enumerate(names) if i > 0} if names else None
+
+
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.bundle_path = resolve_bundle(app_dir, conf)
@@ -72,9 +88,12 @@ class MyApp(MONAILabelApp):
         infers: Dict[str, InferTask] = {}
         auto = BundleInferTask(self.bundle_path, self.conf, type="segmentation", load_strict=True)
         interactive = MaskSAMInteractiveTask(self.bundle_path, self.conf)
+        labels = trained_labels(self.bundle_path)  # the trained model's classes, not metadata.json's ACDC names
         for name, task in ((AUTO, auto), (INTERACTIVE, interactive)):
             if not task.is_valid():
                 raise RuntimeError(f"MONAI Label could not load the MaskSAM bundle {self.bundle_path} for {name!r}")
+            if labels:
+                task.labels = labels
             logger.info(f"+++ Adding Inferer:: {name} => {task}")
             infers[name] = task
 
