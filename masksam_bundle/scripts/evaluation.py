@@ -193,6 +193,8 @@ class EvaluationReport:
         spacing = _spacing(image) if image is not None else None
         with warnings.catch_warnings():  # a class missing from prediction or ground truth: NaN, documented
             warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \d+ is all 0")
+            # MONAI 1.6's own Hausdorff code passes an argument it deprecated (always_return_as_numpy)
+            warnings.filterwarnings("ignore", message=r".*always_return_as_numpy", category=FutureWarning)
             hd = compute_hausdorff_distance(pred[None], label[None], include_background=False,
                                             percentile=self.hd_percentile, spacing=spacing)[0].tolist()
         row = {
