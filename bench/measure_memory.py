@@ -159,7 +159,8 @@ def fit_group(points: List[Tuple[int, float]]) -> Optional[Tuple[float, float, f
     return base, slope, err
 
 
-def build_table(records: List[Dict], check: bool, fused: bool, environment_info: Dict, command: str) -> Dict:
+def build_table(records: List[Dict], check: bool, fused: bool, environment_info: Dict, command: str,
+                train_loop: Optional[Dict] = None) -> Dict:
     groups: Dict[Tuple, List[Dict]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
@@ -202,6 +203,9 @@ def build_table(records: List[Dict], check: bool, fused: bool, environment_info:
                  "masksam_bundle/scripts/memory.py.",
         "command": command,
         "environment": environment_info,
+        # whole training runs peak above the bare step (data loading, validation, allocator): added for mode train
+        "train_loop_gb": (train_loop or {}).get("gb", 0.0),
+        "train_loop_runs": (train_loop or {}).get("runs", []),
         "fits": fits,
         "records": records,
     }
@@ -221,6 +225,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(TABLE))
     parser.add_argument("--merge", action="store_true", help="keep the records already in --output")
     parser.add_argument("--refit", nargs="*", default=None, help="JSON files with records to add; no measuring")
+    parser.add_argument("--train_loop_run", nargs=3, action="append", default=[], metavar=("NAME", "RUN_GB", "STEP_GB"),
+                        help="a whole training run's peak (/usr/bin/time -v) and the table's estimate of its step "
+                             "alone; the largest difference becomes train_loop_gb")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -263,7 +270,11 @@ def main() -> None:
                 r = normalise_record(result)
                 if r is not None:
                     add(r)
-    table = build_table(records, args.check, fused, environment(), command)
+    runs = list(old.get("train_loop_runs", [])) if (args.merge or args.refit is not None) else []
+    runs = [r for r in runs if r["name"] not in {n for n, _, _ in args.train_loop_run}]
+    runs += [{"name": n, "run_gb": float(a), "step_estimate_gb": float(b)} for n, a, b in args.train_loop_run]
+    loop = {"gb": round(max([r["run_gb"] - r["step_estimate_gb"] for r in runs] + [0.0]), 2), "runs": runs}
+    table = build_table(records, args.check, fused, environment(), command, loop)
     write_json(args.output, table)
     for fit in table["fits"]:
         check = fit.get("check")

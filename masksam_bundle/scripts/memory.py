@@ -9,6 +9,8 @@ The estimate is ``process base + slices x per-slice cost + data cache``:
   AMP, activation checkpointing and attention kernel, written by ``bench/measure_memory.py`` (re-measure with
   it when the network changes). A combination that was not measured is scaled from the nearest measured one
   and flagged as extrapolated;
+* ``training loop`` (training): how far whole training runs (data loading, validation, allocator) peaked above
+  the bare step, the largest difference measured (``train_loop_gb`` of the table);
 * ``data cache`` (training) = ``cache_rate x`` the voxels of the cached cases (image, label and class indices).
 
 It is compared with what is free: ``MemAvailable`` of ``/proc/meminfo`` (and the cgroup limit minus its usage,
@@ -87,7 +89,7 @@ def _select_fit(table: dict, query: dict) -> Tuple[dict, List[str]]:
         candidates = [f for f in table.get("fits", []) if all(f.get(k) == query[k] for k in relaxed)]
         if not candidates:
             raise KeyError(f"no memory measurement for backbone {query['backbone']!r} on {query['device']} "
-                           f"({query['mode']}) in {TABLE_PATH}")
+                           f"({query['mode']}) in the memory table (bench/measure_memory.py adds it)")
         best = min(candidates, key=lambda f: _fit_distance(f, query)[0])
         return best, _fit_distance(best, query)[1] + [f"amp {best['amp']}, checkpointing {best['checkpointing']}"]
     best = min(candidates, key=lambda f: _fit_distance(f, query)[0])
@@ -116,6 +118,8 @@ def estimate_peak_gb(backbone: str, image_size: int, sam_upsample: int, depth: i
     if differs:
         source = f"scaled from the {fit['backbone']} fit with {', '.join(differs)}"
     parts = {"process and weights": fit["base_gb"], f"activations for {slices} slice(s)": activations}
+    if mode == "train" and table.get("train_loop_gb"):  # measured: whole runs peak above the bare step
+        parts["training loop"] = float(table["train_loop_gb"])
     if data_gb:
         parts["data cache"] = data_gb
     return Estimate(total_gb=sum(parts.values()), parts=parts, source=source, extrapolated=bool(differs))
