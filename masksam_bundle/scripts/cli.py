@@ -29,6 +29,8 @@ DEBUG_ENV = "MASKSAM_DEBUG"
 _WRAPPERS = ("Failed to evaluate ", "Failed to instantiate component ", "applying transform ")
 # errors whose message says everything (our checks raise these); other types are named in the error line
 _SELF_EXPLAINING = (ValueError, KeyError, OSError, MemoryError, RuntimeError)
+# settings of `--tracking mlflow` that MONAI reads from the overrides (monai.bundle.scripts.run)
+_TRACKING_KEYS = ("tracking_uri", "experiment_name", "run_name", "save_execute_config", "execute_config")
 _installed = False
 
 
@@ -177,6 +179,8 @@ def check_command_line(argv: Optional[Sequence[str]] = None) -> List[str]:
             return []
     flags = {k.replace("-", "_") if k.replace("-", "_") in params else k: v for k, v in flags.items()}
     overrides = [k for k in flags if k not in params]
+    if "tracking" in flags:  # MONAI's experiment tracking takes its settings as overrides too
+        overrides = [k for k in overrides if k not in _TRACKING_KEYS]
     if not overrides or "config_file" not in flags:
         return []
     try:
