@@ -82,18 +82,20 @@ def _fit_distance(fit: dict, query: dict) -> Tuple[float, List[str]]:
 
 
 def _select_fit(table: dict, query: dict) -> Tuple[dict, List[str]]:
-    exact_keys = ("device", "backbone", "mode", "checkpointing", "amp", "fused")
-    candidates = [f for f in table.get("fits", []) if all(f.get(k) == query[k] for k in exact_keys)]
-    if not candidates:  # e.g. AMP or checkpointing not measured for this backbone: use the plain setting
-        relaxed = ("device", "backbone", "mode", "fused")
-        candidates = [f for f in table.get("fits", []) if all(f.get(k) == query[k] for k in relaxed)]
-        if not candidates:
-            raise KeyError(f"no memory measurement for backbone {query['backbone']!r} on {query['device']} "
-                           f"({query['mode']}) in the memory table (bench/measure_memory.py adds it)")
-        best = min(candidates, key=lambda f: _fit_distance(f, query)[0])
-        return best, _fit_distance(best, query)[1] + [f"amp {best['amp']}, checkpointing {best['checkpointing']}"]
-    best = min(candidates, key=lambda f: _fit_distance(f, query)[0])
-    return best, _fit_distance(best, query)[1]
+    """The measured fit closest to ``query``: same device, backbone and mode; the same checkpointing and AMP when
+    measured (else the plain fit, flagged); the table's attention kernel (``fused``) when measured for this
+    backbone (LiteMedSAM's attention is not SAM's, so its fits keep serving after a switch)."""
+    fits = [f for f in table.get("fits", []) if all(f.get(k) == query[k] for k in ("device", "backbone", "mode"))]
+    if not fits:
+        raise KeyError(f"no memory measurement for backbone {query['backbone']!r} on {query['device']} "
+                       f"({query['mode']}) in the memory table (bench/measure_memory.py adds it)")
+    fits = [f for f in fits if f.get("fused") == query["fused"]] or fits
+    exact = [f for f in fits if f.get("checkpointing") == query["checkpointing"] and f.get("amp") == query["amp"]]
+    best = min(exact or fits, key=lambda f: _fit_distance(f, query)[0])
+    differs = _fit_distance(best, query)[1]
+    if not exact:  # e.g. AMP or checkpointing not measured for this backbone: the plain setting
+        differs.append(f"amp {best['amp']}, checkpointing {best['checkpointing']}")
+    return best, differs
 
 
 def estimate_peak_gb(backbone: str, image_size: int, sam_upsample: int, depth: int, num_queries: int,
