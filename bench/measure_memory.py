@@ -56,8 +56,9 @@ PLANS: Dict[str, List[Tuple]] = {
         ("vit_b", 256, 4, 8, "train", True, (1, 2)),
         ("vit_b", 256, 4, 8, "infer", False, (1, 2)),
     ],
-    # what the shipped CPU table holds for vit_b: the cpu plan was stopped after one checkpointing point (its base
-    # is taken from the plain vit_b training fit, see build_table); the inference groups were measured next
+    # vit_b inference alone (the shipped CPU table's vit_b inference point and a second checkpointing point at
+    # D=4 came from the speed benchmark's records via --refit, after the cpu plan was stopped at D=1 with
+    # checkpointing to free the shared machine)
     "cpu_vit_b_infer": [
         ("vit_b", 256, 4, 8, "infer", False, (1, 2)),
     ],
@@ -187,13 +188,17 @@ def build_table(records: List[Dict], check: bool, fused: bool, environment_info:
         group = dict(zip(GROUP_KEYS, key))
         sibling = next((f for f in fits if all(f[k] == group[k] for k in GROUP_KEYS
                                                 if k not in ("checkpointing", "amp"))), None)
+        if sibling is None:  # e.g. one inference point: the base of this network's training fit
+            sibling = next((f for f in fits if all(f[k] == group[k] for k in GROUP_KEYS
+                                                    if k not in ("checkpointing", "amp", "mode"))), None)
         if sibling is None:
             continue
         r = rs[-1]
         per_slice = max((r["peak_rss_gb"] - sibling["base_gb"]) / r["slices"], 0.0)
         fits.append({**group, "base_gb": sibling["base_gb"], "per_slice_gb": round(per_slice, 4),
                      "fit_max_rel_error": 0.0, "points": [[x["slices"], x["peak_rss_gb"]] for x in rs],
-                     "base_from": "the fit without checkpointing/AMP (one slice count measured)"})
+                     "base_from": f"the {sibling['mode']} fit with checkpointing {sibling['checkpointing']}, "
+                                  f"amp {sibling['amp']} (one slice count measured)"})
     return {
         "format": "masksam-memory-table/1",
         "fused": fused,
