@@ -13,6 +13,10 @@ Models (``GET /info/`` lists them):
 Errors reach the client (:meth:`MyApp.infer`): an unknown image or model -> 404, a bad parameter or label file
 -> 400 whose body names it, anything else -> 500 with the error's message (never a bare 500).
 
+The network is built from ``configs/inference.yaml``, which reads the settings recorded beside the weights
+(``models/model.json``: backbone, classes, N, patch, ...), so any model the bundle trained works unchanged; the
+label names the app announces come from that file too (``trained_labels``), else from ``metadata.json``.
+
 The bundle is found, in this order: ``--conf bundle_path DIR``; ``<app>/model/<name>`` where ``name`` is
 ``--conf models`` (default ``masksam_bundle``; the monaibundle sample app's convention); the repository's own
 ``masksam_bundle/`` beside this folder. Nothing is downloaded: no zoo lookup, no SAM2 (``--conf sam2 true``
@@ -23,7 +27,7 @@ would add MONAI Label's SAM2 tasks, which download weights). Start it with
 import json
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import monailabel
 import numpy as np
@@ -104,6 +108,17 @@ def _install_json_error_handler() -> None:
     fastapi_app.middleware_stack = None
 
 
+def trained_labels(bundle_path: str) -> Optional[Dict[str, int]]:
+    """``{name: index}`` of the foreground classes recorded in ``models/model.json`` (written by the bundle's
+    training beside ``model.pt``), or ``None`` when there is no such file."""
+    path = os.path.join(bundle_path, "models", "model.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        names = (json.load(f).get("settings") or {}).get("class_names")
+    return {str(n).lower(): i for i, n in enumerate(names) if i > 0} if names else None
+
+
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.bundle_path = resolve_bundle(app_dir, conf)
@@ -120,10 +135,15 @@ class MyApp(MONAILabelApp):
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}
         labels, num_classes = bundle_labels(self.bundle_path)
+        trained = trained_labels(self.bundle_path)  # the trained model's classes, not metadata.json's ACDC names
+        if trained:
+            labels, num_classes = trained, len(trained) + 1
         if self.has_model:
             auto = MaskSAMAutoTask(self.bundle_path, self.conf, type="segmentation", load_strict=True)
             if not auto.is_valid():
                 raise RuntimeError(f"MONAI Label could not load the MaskSAM bundle {self.bundle_path} for {AUTO!r}")
+            if trained:
+                auto.labels = trained
             infers[AUTO] = auto
         infers[INTERACTIVE] = MaskSAMInteractiveTask(self.bundle_path, self.conf, labels, num_classes)
         for name, task in infers.items():
