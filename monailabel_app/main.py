@@ -52,8 +52,9 @@ REQUIRED = ("configs/inference.yaml", "configs/metadata.json")
 MODEL = "models/model.pt"
 NO_MODEL = (
     "automatic segmentation ('masksam') needs a trained models/model.pt in the bundle, and there is none: train one "
-    "with `python -m monai.bundle run training --config_file configs/train.yaml` in masksam_bundle/ (it writes "
-    "models/model.pt), or copy a trained MaskSAM state dict there, then restart the server. The interactive "
+    "with `python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/acdc.yaml']\" "
+    "--sam_checkpoint SAM.pth` in masksam_bundle/ (it writes models/model.pt and model.json), or copy a model the "
+    "bundle trained there, then restart the server. The interactive "
     "assist ('masksam_interactive': a box and/or clicks per structure) works now, zero-shot with LiteMedSAM."
 )
 
@@ -85,7 +86,17 @@ def bundle_labels(bundle_path: str):
 
 
 class MaskSAMAutoTask(BundleInferTask):
-    """The bundle's whole-volume segmentation; label files are written as uint8 (as every task of this app)."""
+    """The bundle's whole-volume segmentation; label files are written as uint8 (as every task of this app).
+
+    Test-time mirroring (8 network passes per window, nnU-Net's default in the bundle's evaluation and
+    inference) is off here unless ``--conf tta_mirror true``: an annotator waits for this answer, and the
+    interactive task corrects what the plain pass gets wrong.
+    """
+
+    def __init__(self, path: str, conf: Dict[str, str], **kwargs):
+        super().__init__(path, conf, **kwargs)
+        if self.is_valid():
+            self.bundle_config["tta_mirror"] = strtobool(conf.get("tta_mirror", "false"))
 
     def writer(self, data, extension=None, dtype=None):
         return super().writer(data, extension=extension, dtype=dtype or np.uint8)
