@@ -41,7 +41,6 @@ __all__ = [
     "read_model_settings",
     "recorded_transform",
     "check_model_settings",
-    "quiet_random_sam_warning",
 ]
 
 logger = logging.getLogger("masksam.settings")
@@ -236,11 +235,3 @@ def check_model_settings(ckpt_path: str, current: Mapping) -> Dict[str, Any]:
             + ". Drop those overrides (the recorded settings are used by default) or use the model they belong to"
         )
     return recorded
-
-
-def quiet_random_sam_warning() -> None:
-    """Evaluation and inference load every weight from ``model.pt``: the backbone's warning that the frozen SAM
-    weights are random (no ``sam_checkpoint``) does not apply to them, so it is not shown."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"backbone '.*' built without a SAM checkpoint", category=UserWarning)
