@@ -171,7 +171,7 @@ def check_command_line(argv: Optional[Sequence[str]] = None) -> List[str]:
     if command is None or not callable(command):
         return []
     params = {name for name, p in inspect.signature(command).parameters.items() if p.kind != p.VAR_KEYWORD}
-    _, flags = _parse_flags(argv[2:])
+    positional, flags = _parse_flags(argv[2:])
     if "args_file" in flags:  # defaults (config_file, overrides) may come from a file
         try:
             flags = {**{str(k): v for k, v in ConfigParser.load_config_file(flags["args_file"]).items()}, **flags}
@@ -179,6 +179,9 @@ def check_command_line(argv: Optional[Sequence[str]] = None) -> List[str]:
             return []
     flags = {k.replace("-", "_") if k.replace("-", "_") in params else k: v for k, v in flags.items()}
     overrides = [k for k in flags if k not in params]
+    # `run show --show "$expr"`: the id being run may be defined on the command line itself
+    run_id = flags.get("run_id", positional[0] if positional and argv[1] == "run" else None)
+    overrides = [k for k in overrides if k != run_id]
     if "tracking" in flags:  # MONAI's experiment tracking takes its settings as overrides too
         overrides = [k for k in overrides if k not in _TRACKING_KEYS]
     if not overrides or "config_file" not in flags:

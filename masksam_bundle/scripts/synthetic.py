@@ -138,11 +138,13 @@ def demo_report(predictions: Sequence[str], datalist: str, class_names: Sequence
         + " ".join(f"{n} {v:.4f}" for n, v in result["mean_per_class"].items())
         + (f"; validation Dice during training (patch grid, selects the model): {validation['val_mean_dice']:.4f}"
            if validation else ""),
-        f"Use the model it just trained (from {os.path.abspath(bundle_root)}):",
+        f"Use the model it just trained (from {os.path.abspath(bundle_root)}; --tta_mirror false predicts as the demo "
+        f"did, without it nnU-Net's test-time mirroring runs 8 passes per window):",
         f"  {py} -m monai.bundle run inference --config_file configs/inference.yaml --ckpt_dir {shlex.quote(ckpt_dir)} "
-        f"--dataset_dir {shlex.quote(example)} --output_dir {shlex.quote(output_dir + '/my_inference')}",
+        f"--dataset_dir {shlex.quote(example)} --output_dir {shlex.quote(output_dir + '/my_inference')} --tta_mirror false",
         f"  {py} -m monai.bundle run evaluating --config_file \"['configs/train.yaml','configs/evaluate.yaml']\" "
-        f"--ckpt_dir {shlex.quote(ckpt_dir)} --dataset_dir {shlex.quote(data)} --output_dir {shlex.quote(output_dir + '/my_evaluation')}",
+        f"--ckpt_dir {shlex.quote(ckpt_dir)} --dataset_dir {shlex.quote(data)} --output_dir {shlex.quote(output_dir + '/my_evaluation')} "
+        f"--tta_mirror false",
     ]
     print("\n".join(lines), flush=True)
     return result
