@@ -6,7 +6,8 @@
 # STUDIES_DIR: a writable folder of .nii/.nii.gz images (MONAI Label keeps its datastore JSON and the saved
 # labels in it). Environment: MONAILABEL_HOST (default 127.0.0.1), MONAILABEL_PORT (default 8000),
 # MASKSAM_MONAILABEL_VENV (default monailabel_app/.venv, made by setup_env.sh), MASKSAM_BUNDLE (default: the
-# repository's masksam_bundle/; it needs models/model.pt).
+# repository's masksam_bundle/). Without models/model.pt the server offers the zero-shot annotation assist
+# (masksam_interactive) only, and /info/ says how to get automatic segmentation.
 set -euo pipefail
 APP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${MASKSAM_MONAILABEL_VENV:-$APP_DIR/.venv}"

@@ -166,3 +166,41 @@ def test_profile_forward_tiny(tmp_path):
     _positive(data, ["forward_s"])
     assert {"image encoder (frozen SAM + adapters)", "prompt generator (3D U-Net decoder)"} <= set(data["modules_s"])
     assert data["top_ops"] and all(op["self_s"] >= 0 for op in data["top_ops"])
+
+
+def test_gpu_acdc_accuracy_tiny_on_cpu(tmp_path, acdc_dir):
+    """The one-shot GPU accuracy run at smoke size: figures JSON, both models evaluated, weight pieces that are
+    at most 15 MiB each and load back into the network the manifest describes."""
+    from monai.bundle import ConfigParser
+    from scripts.pretrained import MANIFEST, load_trained_state, read_pieces
+
+    _run("gpu_acdc_accuracy.py", "--tiny", "--device", "cpu", "--data-dir", str(acdc_dir), "--val-limit", "1",
+         "--out", str(tmp_path), timeout=600)
+    data = json.loads((tmp_path / "gpu_acdc_accuracy.json").read_text())
+    assert {"environment", "command", "config_files", "recipe", "models", "elapsed_s", "train_volumes"} <= set(data)
+    assert data["config_files"][:2] == ["train.yaml", "acdc.yaml"] and data["train_volumes"] == 4
+    assert data["recipe"]["augmentation"][0] == "RandAffineCropByLabelClassesd"
+    assert set(data["models"]) == {"vit_t", "dynunet"}
+    for name, r in data["models"].items():
+        assert r["iterations"] >= 1 and r["num_cases"] == 1, (name, r)
+        _positive(r, ["train_wall_s", "eval_wall_s"])
+        assert set(r["per_class"]) == {"RV", "Myo", "LV"} and 0.0 <= r["mean"]["dice"] <= 1.0
+        assert all("hd95" in v for v in r["per_class"].values())
+        assert (tmp_path / f"eval_{name}" / "metrics.json").is_file()
+    pieces = sorted((tmp_path / "pretrained").glob("masksam.part*.pt"))
+    assert len(pieces) == len(data["models"]["vit_t"]["weights"]["pieces"]) >= 2  # 24 MiB of fp16: two pieces
+    assert all(p.stat().st_size <= 15 * 2**20 for p in pieces)
+    manifest, tensors = read_pieces(str(tmp_path / "pretrained"))
+    assert manifest["network"]["backbone"] == "vit_t" and (tmp_path / "pretrained" / MANIFEST).is_file()
+    network = ConfigParser({"net": manifest["network"]}).get_parsed_content("net")
+    load_trained_state(network, tensors)  # every trained key present with its shape
+
+
+def test_tta_cost_tiny(tmp_path, acdc_dir):
+    out = tmp_path / "tta.json"
+    _run("tta_cost.py", "--preset", "tiny", "--volumes", "1", "--crop", "64,64,4", "--mirror-axes", "0",
+         "--data-dir", str(acdc_dir), "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["mirror_axes"] == [0] and len(data["per_volume"]) == 1  # one axis: 2 passes per window
+    _positive(data, ["median_plain_s", "median_mirrored_s", "ratio"])
+    assert data["per_volume"][0]["shape"] == [64, 64, 4]

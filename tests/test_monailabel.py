@@ -1,4 +1,5 @@
-"""MONAI Label end to end: the real server on 127.0.0.1 with a temporary copy of the bundle and a tiny checkpoint.
+"""MONAI Label end to end: the real server on 127.0.0.1 with a temporary copy of the bundle and a tiny checkpoint
+(both tasks), and with no checkpoint at all (the zero-shot annotation assist: LiteMedSAM through the prompt path).
 
 The server runs in MONAI Label's own environment (monailabel_app/setup_env.sh; it needs numpy < 2). Without that
 environment the server tests are skipped, except under CI=true, where they fail: CI must create it.
@@ -93,8 +94,10 @@ class Server:
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
-    def post(self, path: str, fields=None, files=None, timeout: float = 300.0):
-        """multipart/form-data POST with the standard library; returns (status, content-type, body bytes)."""
+    def post(self, path: str, fields=None, files=None, timeout: float = 300.0, expect_error: bool = False):
+        """multipart/form-data POST with the standard library; returns (status, content-type, body bytes).
+
+        An HTTP error fails the test, unless ``expect_error``: then it is returned the same way."""
         boundary = uuid.uuid4().hex
         body = io.BytesIO()
         for name, value in (fields or {}).items():
@@ -111,14 +114,13 @@ class Server:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.headers.get("Content-Type", ""), resp.read()
         except urllib.error.HTTPError as e:
+            if expect_error:
+                return e.code, e.headers.get("Content-Type", ""), e.read()
             raise AssertionError(f"{path}: HTTP {e.code}: {e.read()[:2000]!r}\n--- server log ---\n{self.log_tail()}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, acdc_dir):
-    _venv_python()  # skips (or fails in CI) when the MONAI Label environment is missing
-    root = tmp_path_factory.mktemp("monailabel")
-    bundle = _tiny_bundle(root / "masksam_bundle")
+def _start_server(root: Path, bundle: Path, acdc_dir: Path):
+    """Start ``start_server.sh`` on a free port of 127.0.0.1 with one ACDC image; yields a :class:`Server`."""
     app = root / "app"
     shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(".venv", "logs", "bin", "model", "__pycache__"))
     studies = root / "studies"
@@ -158,6 +160,26 @@ def server(tmp_path_factory, acdc_dir):
                 proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, acdc_dir):
+    """The app with a (random, tiny) trained model.pt: both tasks."""
+    _venv_python()  # skips (or fails in CI) when the MONAI Label environment is missing
+    root = tmp_path_factory.mktemp("monailabel")
+    yield from _start_server(root, _tiny_bundle(root / "masksam_bundle"), acdc_dir)
+
+
+@pytest.fixture(scope="module")
+def server_no_model(tmp_path_factory, acdc_dir):
+    """The app on a bundle without models/model.pt: the zero-shot assist only."""
+    _venv_python()
+    root = tmp_path_factory.mktemp("monailabel_no_model")
+    bundle = root / "masksam_bundle"
+    shutil.copytree(BUNDLE_ROOT, bundle, ignore=shutil.ignore_patterns("*.pt", "*.pth", "*.ts", "eval", "outputs",
+                                                                     "__pycache__", "runs"))
+    assert not (bundle / "models" / "model.pt").exists()
+    yield from _start_server(root, bundle, acdc_dir)
+
+
 def _multipart(content_type: str, body: bytes):
     """(params dict, file bytes) from MONAI Label's multipart answer (output=all)."""
     msg = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
@@ -194,7 +216,7 @@ def test_auto_segmentation_over_http(server, tmp_path):
     assert status == 200
     label, affine = _nifti(body, tmp_path, "auto")
     ref = nib.load(str(server.image))
-    assert label.shape == ref.shape
+    assert label.shape == ref.shape and label.dtype == np.uint8
     assert set(np.unique(label).tolist()) <= {0, 1, 2, 3}
     np.testing.assert_allclose(affine, ref.affine, atol=1e-4)
 
@@ -211,15 +233,17 @@ def test_interactive_correction_over_http(server, tmp_path):
     j_out = next(j for j in range(inside[1], truth.shape[1]) if truth[i0, j, z] == 0)
     outside = [i0, j_out + 2, z]
     assert truth[tuple(outside)] == 0
-    params = {"target": "LV", "foreground": [outside], "background": [inside]}
+    params = {"target": "LV", "foreground": [outside], "background": [inside], "output_mode": "labelmap"}
 
     status, ctype, body = server.post(f"/infer/masksam_interactive?image={CASE}&output=all",
                                       fields={"params": json.dumps(params)}, files={"label": server.label})
     assert status == 200
     result, data = _multipart(ctype, body)
     new, affine = _nifti(data, tmp_path, "corrected")
-    assert new.shape == truth.shape and set(np.unique(new).tolist()) <= {0, 1, 2, 3}
-    assert result["target_index"] == 3 and result["slices"] == [z]
+    assert new.shape == truth.shape and new.dtype == np.uint8 and set(np.unique(new).tolist()) <= {0, 1, 2, 3}
+    assert result["target_index"] == 3 and result["slices"] == [z] and result["trained_model"]
+    # Clicks without a box correct the model's own query (or, where it missed the LV, the prompts alone decide).
+    assert result["path"].startswith("correction of the model's query")
     # The clicks changed the target label at (and around) them ...
     assert new[tuple(outside)] == 3 and new[tuple(inside)] != 3
     changed = new != truth
@@ -230,9 +254,104 @@ def test_interactive_correction_over_http(server, tmp_path):
     for k in (1, 2):
         assert np.array_equal(new == k, truth == k)
 
-    # Same request, binary output for viewers that merge one segment (3D Slicer's interactive tools).
-    params["output_mode"] = "target"
+    # Same request, binary output (the default) for viewers that merge one segment (3D Slicer's deepgrow import).
+    params.pop("output_mode")
     status, ctype, body = server.post(f"/infer/masksam_interactive?image={CASE}&output=image",
                                       fields={"params": json.dumps(params)}, files={"label": server.label})
     mask, _ = _nifti(body, tmp_path, "target")
     assert np.array_equal(mask.astype(bool), new == 3)
+
+
+@pytest.mark.slow
+def test_trained_model_box_uses_the_prompt_path(server, tmp_path):
+    params = {"label": "lv", "roi": [87, 131, 107, 150, 5, 5]}
+    status, ctype, body = server.post(f"/infer/masksam_interactive?image={CASE}&output=all",
+                                      fields={"params": json.dumps(params)})
+    result, data = _multipart(ctype, body)
+    mask, _ = _nifti(data, tmp_path, "trained_box")
+    assert status == 200 and result["path"] == "prompt-only (trained adapters)" and result["encoder_runs"] <= 1
+    assert mask.dtype == np.uint8 and set(np.unique(mask).tolist()) <= {0, 1} and not mask[..., :5].any()
+    params["background"] = [[100, 120, 5]]  # a further click on the slice: its window's embedding is cached
+    status, _, body = server.post(f"/infer/masksam_interactive?image={CASE}&output=json",
+                                  fields={"params": json.dumps(params)})
+    assert status == 200 and json.loads(body)["encoder_runs"] == 0
+
+
+# ------------------------------------------------------------------------------------------ no trained model
+def _error(server, path, params=None, files=None):
+    fields = None if params is None else {"params": params if isinstance(params, str) else json.dumps(params)}
+    status, _, body = server.post(path, fields=fields, files=files, expect_error=True)
+    return status, json.loads(body).get("detail", "")
+
+
+@pytest.mark.slow
+def test_no_model_server_offers_the_assist_and_says_how_to_get_auto(server_no_model):
+    info = server_no_model.info
+    assert set(info["models"]) == {"masksam_interactive"}
+    assert info["models"]["masksam_interactive"]["labels"] == {"rv": 1, "myo": 2, "lv": 3}
+    for text in (info["auto_segmentation"], info["description"], server_no_model.log_tail(200000)):
+        assert "needs a trained models/model.pt" in text and "configs/train.yaml" in text
+    status, detail = _error(server_no_model, f"/infer/masksam?image={CASE}")
+    assert status == 404 and "needs a trained models/model.pt" in detail
+
+
+@pytest.mark.slow
+def test_no_model_box_segments_the_lv(server_no_model, tmp_path):
+    """A box (Slicer's roi) on one slice, no trained model: LiteMedSAM zero-shot through the bundle's prompt path."""
+    truth = np.asarray(nib.load(str(server_no_model.label)).dataobj)
+    z = 5
+    rows, cols = np.nonzero(truth[..., z] == 3)
+    roi = [int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max()), z, z]
+    status, ctype, body = server_no_model.post(f"/infer/masksam_interactive?image={CASE}&output=all",
+                                               fields={"params": json.dumps({"label": "lv", "roi": roi})})
+    result, data = _multipart(ctype, body)
+    mask, affine = _nifti(data, tmp_path, "zero_shot")
+    assert status == 200 and result["path"] == "prompt-only (LiteMedSAM zero-shot)" and not result["trained_model"]
+    assert mask.dtype == np.uint8 and mask.shape == truth.shape and set(np.unique(mask).tolist()) == {0, 1}
+    np.testing.assert_allclose(affine, nib.load(str(server_no_model.image)).affine, atol=1e-4)
+    pred, gt = mask[..., z].astype(bool), truth[..., z] == 3
+    dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+    assert dice >= 0.8, dice
+    assert not np.delete(mask, z, axis=2).any()  # one slice prompted, no propagation asked for
+    # A click on the same slice: the embedding is cached, only the decoder runs.
+    params = {"label": "lv", "roi": roi, "foreground": [[int(rows.mean()), int(cols.mean()), z]]}
+    status, ctype, body = server_no_model.post(f"/infer/masksam_interactive?image={CASE}&output=json",
+                                               fields={"params": json.dumps(params)})
+    assert status == 200 and json.loads(body)["encoder_runs"] == 0
+    # Slicer's deepgrow panel sends clicks only: foreground clicks at the LV's edges span the box zero-shot needs.
+    lv = np.argwhere(truth[..., z] == 3)
+    edges = [lv[lv[:, a].argmin()] for a in (0, 1)] + [lv[lv[:, a].argmax()] for a in (0, 1)]
+    params = {"label": "lv", "foreground": [[int(i), int(j), z] for i, j in edges]}
+    status, ctype, body = server_no_model.post(f"/infer/masksam_interactive?image={CASE}&output=all",
+                                               fields={"params": json.dumps(params)})
+    result, data = _multipart(ctype, body)
+    pred = _nifti(data, tmp_path, "clicks")[0][..., z].astype(bool)
+    assert status == 200 and "hint" not in result and 2 * (pred & gt).sum() / (pred.sum() + gt.sum()) >= 0.8
+
+
+@pytest.mark.slow
+def test_no_model_errors_reach_the_client(server_no_model, tmp_path):
+    url = f"/infer/masksam_interactive?image={CASE}&output=image"
+    status, detail = _error(server_no_model, url, {"label": "lv", "roi": [1, 2, 3]})
+    assert status == 400 and "bad parameter 'roi'" in detail and "[i0, i1, j0, j1, k0, k1]" in detail
+    status, detail = _error(server_no_model, url, {"label": "aorta", "roi": [1, 2, 3, 4, 5, 5]})
+    assert status == 400 and "bad parameter 'label'" in detail and "'lv'" in detail
+    status, detail = _error(server_no_model, url, "{not json")
+    assert status == 400 and "bad parameter 'params'" in detail
+    status, detail = _error(server_no_model, url, {"label": "lv", "mode": "correct", "roi": [1, 2, 3, 4, 5, 5]})
+    assert status == 400 and "needs a trained models/model.pt" in detail
+    status, detail = _error(server_no_model, "/infer/masksam_interactive?image=no_such_image&output=image",
+                            {"label": "lv", "roi": [1, 2, 3, 4, 5, 5]})
+    assert status == 404 and "'no_such_image' not found" in detail
+    # An uploaded label of the wrong shape is refused before any inference runs.
+    small = tmp_path / "small_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), dtype=np.uint8), np.eye(4)), str(small))
+    runs = server_no_model.log_tail(10**7).count("MaskSAM interactive:")
+    status, detail = _error(server_no_model, url, {"target": "lv", "roi": [1, 2, 3, 4, 5, 5]}, files={"label": small})
+    assert status == 400 and "bad parameter 'label'" in detail and "(232, 256, 10)" in detail
+    not_nifti = tmp_path / "label.nii.gz"
+    not_nifti.write_bytes(b"not an image")
+    status, detail = _error(server_no_model, url, {"target": "lv", "roi": [1, 2, 3, 4, 5, 5]},
+                            files={"label": not_nifti})
+    assert status == 400 and "bad parameter 'label'" in detail and "unreadable" in detail
+    assert server_no_model.log_tail(10**7).count("MaskSAM interactive:") == runs

@@ -17,7 +17,7 @@ from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .adapters import DConvAdapter
+from .adapters import image_adapter
 from .attention import sam_attention, tiny_vit_attention
 
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
@@ -26,6 +26,8 @@ EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 class AdaptedViTBlock(nn.Module):
     """A SAM ViT block with a DConvAdapter on the attention output and one parallel to the MLP (x0.5).
 
+    ``adapter`` picks another adapter kind for the ablation (:data:`scripts.adapters.IMAGE_ADAPTERS`).
+
     The attention-side adapter runs after window un-partitioning, so its depth convolution always sees the
     full per-slice token grid (the authors' release ran it on windows; spec section 5 "release bug").
     The attention itself runs through :func:`scripts.attention.sam_attention` (fused SDPA unless
@@ -33,14 +35,15 @@ class AdaptedViTBlock(nn.Module):
     """
 
     def __init__(
-        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, fused_attention: bool = True
+        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, adapter: str = "dconv",
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.block = block
         self.fused_attention = fused_attention
         dim = block.norm1.normalized_shape[0]
-        self.attn_adapter = DConvAdapter(dim, num_slices)
-        self.mlp_adapter = DConvAdapter(dim, num_slices)
+        self.attn_adapter = image_adapter(adapter, dim, num_slices)
+        self.mlp_adapter = image_adapter(adapter, dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,22 +81,18 @@ class AdaptedViTEncoder(nn.Module):
     """
 
     def __init__(
-        self,
-        encoder: nn.Module,
-        num_slices: int,
-        image_size: int,
-        use_checkpoint: bool = False,
-        fused_attention: bool = True,
+        self, encoder: nn.Module, num_slices: int, image_size: int, use_checkpoint: bool = False,
+        adapter: str = "dconv", depth_embed: bool = True, fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
         self.pos_embed = encoder.pos_embed  # (1, 64, 64, C) frozen
         self.neck = encoder.neck
         self.blocks = nn.ModuleList(
-            [AdaptedViTBlock(b, num_slices, fused_attention=fused_attention) for b in encoder.blocks]
+            [AdaptedViTBlock(b, num_slices, adapter=adapter, fused_attention=fused_attention) for b in encoder.blocks]
         )
         dim = self.pos_embed.shape[-1] if self.pos_embed is not None else encoder.blocks[0].norm1.normalized_shape[0]
-        self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim))
+        self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim)) if depth_embed else None
         self.num_slices = num_slices
         self.grid = image_size // 16
         self.use_checkpoint = use_checkpoint
@@ -107,8 +106,9 @@ class AdaptedViTEncoder(nn.Module):
         bd, g, _, c = x.shape
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, :g, :g, :]
-        depth = self.depth_embed.repeat(bd // self.num_slices, 1)  # (B*D, C), slice index inner
-        x = x + depth[:, None, None, :]
+        if self.depth_embed is not None:
+            depth = self.depth_embed.repeat(bd // self.num_slices, 1)  # (B*D, C), slice index inner
+            x = x + depth[:, None, None, :]
         features = []
         for i, blk in enumerate(self.blocks):
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -126,13 +126,14 @@ class AdaptedTinyViTBlock(nn.Module):
     attention runs through :func:`scripts.attention.tiny_vit_attention` (SDPA unless ``fused_attention`` is false)."""
 
     def __init__(
-        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, fused_attention: bool = True
+        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, adapter: str = "dconv",
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.block = block
         self.fused_attention = fused_attention
-        self.attn_adapter = DConvAdapter(block.dim, num_slices)
-        self.mlp_adapter = DConvAdapter(block.dim, num_slices)
+        self.attn_adapter = image_adapter(adapter, block.dim, num_slices)
+        self.mlp_adapter = image_adapter(adapter, block.dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
 
     def _window_attention(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -174,7 +175,8 @@ class AdaptedTinyViTEncoder(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False, fused_attention: bool = True
+        self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False, adapter: str = "dconv",
+        depth_embed: bool = True, fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
@@ -185,9 +187,12 @@ class AdaptedTinyViTEncoder(nn.Module):
         # Replace each attention block of stages 1..3 by its adapted wrapper (stage 0 is convolutional).
         self.adapted_blocks = nn.ModuleList()
         for layer in list(encoder.layers)[1:]:
-            wrapped = [AdaptedTinyViTBlock(b, num_slices, fused_attention=fused_attention) for b in layer.blocks]
+            wrapped = [
+                AdaptedTinyViTBlock(b, num_slices, adapter=adapter, fused_attention=fused_attention) for b in layer.blocks
+            ]
             self.adapted_blocks.append(nn.ModuleList(wrapped))
-        self.depth_embed = nn.Parameter(torch.zeros(num_slices, encoder.patch_embed.seq[-1].c.out_channels))
+        width = encoder.patch_embed.seq[-1].c.out_channels
+        self.depth_embed = nn.Parameter(torch.zeros(num_slices, width)) if depth_embed else None
         self.feature_channels = [self._out_dim(layer) for layer in encoder.layers]
         self.feature_strides = [2, 4, 4, 4]
 
@@ -205,8 +210,9 @@ class AdaptedTinyViTEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         x = self.patch_embed(x)  # (B*D, 64, 256, 256)
         bd = x.shape[0]
-        depth = self.depth_embed.repeat(bd // self.num_slices, 1)
-        x = x + depth[:, :, None, None]
+        if self.depth_embed is not None:
+            depth = self.depth_embed.repeat(bd // self.num_slices, 1)
+            x = x + depth[:, :, None, None]
         features = []
         x = self._run(self.layers[0], x)  # conv stage -> tokens (B*D, L, C)
         features.append(x)

@@ -70,6 +70,8 @@ class CorrectionResult:
     region: torch.Tensor  # (X, Y, Z) bool: voxels the correction may change (clicked slices x covered windows)
     slices: List[int] = field(default_factory=list)  # the slices that were re-segmented
     queries: Dict[int, int] = field(default_factory=dict)  # slice -> selected query (last window wins)
+    # slice -> the selected query's probability of the target class (low: the model missed the structure there)
+    confidence: Dict[int, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -189,6 +191,7 @@ def predict_target_mask(
     prob_sum = torch.zeros((px, py, pz), dtype=torch.float32)
     count = torch.zeros((px, py, pz), dtype=torch.float32)
     queries: Dict[int, int] = {}
+    confidence: Dict[int, float] = {}
 
     # Work items: (depth start, slices, in-plane start (x0, y0)) for windows holding a click/box of a slice.
     items = []
@@ -214,7 +217,7 @@ def predict_target_mask(
             chunk = items[start : start + max(1, batch_size)]
             x = torch.stack([padded[:, x0 : x0 + hp, y0 : y0 + hp, z0 : z0 + dp] for z0, _, x0, y0 in chunk])
             probs = _decode_chunk(net, x.to(device=device, dtype=torch.float32), chunk, target, fg_p, bg_p, box_p,
-                                  queries)
+                                  queries, confidence)
             for (z0, zs, x0, y0), p in zip(chunk, probs):
                 for z in zs:
                     prob_sum[x0 : x0 + hp, y0 : y0 + hp, z] += p[..., z - z0]
@@ -227,7 +230,8 @@ def predict_target_mask(
     crop = tuple(slice(o, o + s) for o, s in zip(offset, shape))
     slices = sorted(int(z) - int(offset[2]) for z in clicked if 0 <= int(z) - int(offset[2]) < shape[2])
     return CorrectionResult(mask=mask[crop], region=region[crop], slices=slices,
-                            queries={int(z) - int(offset[2]): n for z, n in queries.items()})
+                            queries={int(z) - int(offset[2]): n for z, n in queries.items()},
+                            confidence={int(z) - int(offset[2]): p for z, p in confidence.items()})
 
 
 def _query_subset(encoded: Dict[str, object], queries: Sequence[int]) -> Dict[str, object]:
@@ -242,7 +246,7 @@ def _query_subset(encoded: Dict[str, object], queries: Sequence[int]) -> Dict[st
     }
 
 
-def _decode_chunk(net, x, chunk, target, fg_p, bg_p, box_p, queries) -> torch.Tensor:
+def _decode_chunk(net, x, chunk, target, fg_p, bg_p, box_p, queries, confidence) -> torch.Tensor:
     """One batch of windows -> ``(B, H, W, D)`` target probabilities of the prompted query."""
     b, hp, dp = x.shape[0], int(net.image_size), int(net.num_slices)
     encoded = net.encode(x)
@@ -261,6 +265,7 @@ def _decode_chunk(net, x, chunk, target, fg_p, bg_p, box_p, queries) -> torch.Te
         for z in zs:
             d = z - z0
             queries[z] = int(chosen[bi, d])
+            confidence[z] = float(class_prob[bi, d, chosen[bi, d]])
             for pts, lab in ((fg_p, 1), (bg_p, 0)):
                 for p in pts:
                     if p[2] == z and x0 <= p[0] < x0 + hp and y0 <= p[1] < y0 + hp:

@@ -6,12 +6,12 @@ slice is one SAM prompt (box + mask), so the frozen decoder predicts one mask pe
 turns its output into K+1 class logits.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .adapters import DConvAdapter, DMLPAdapter
+from .adapters import image_adapter, prompt_adapter
 
 
 class QueryLayout:
@@ -41,17 +41,25 @@ class AdaptedTwoWayBlock(nn.Module):
     """One SAM ``TwoWayAttentionBlock`` with DMLPAdapters on the token path and a DConvAdapter on the image path.
 
     DMLPAdapter after token self-attention, after token->image cross-attention and in parallel with the token
-    MLP (x0.5); DConvAdapter after image->token cross-attention (per query, over (D, h, w)).
+    MLP (x0.5); DConvAdapter after image->token cross-attention (per query, over (D, h, w)). The kinds are
+    switches for the ablation (:mod:`scripts.adapters`).
     """
 
-    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        num_slices: int,
+        mlp_adapter_scale: float = 0.5,
+        image_adapter_kind: str = "dconv",
+        prompt_adapter_kind: str = "dmlp",
+    ) -> None:
         super().__init__()
         self.block = block
         dim = block.norm1.normalized_shape[0]
-        self.self_attn_adapter = DMLPAdapter(dim, num_slices)
-        self.cross_attn_adapter = DMLPAdapter(dim, num_slices)
-        self.mlp_adapter = DMLPAdapter(dim, num_slices)
-        self.image_adapter = DConvAdapter(dim, num_slices)
+        self.self_attn_adapter = prompt_adapter(prompt_adapter_kind, dim, num_slices)
+        self.cross_attn_adapter = prompt_adapter(prompt_adapter_kind, dim, num_slices)
+        self.mlp_adapter = prompt_adapter(prompt_adapter_kind, dim, num_slices)
+        self.image_adapter = image_adapter(image_adapter_kind, dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
 
     def _tokens(self, adapter: nn.Module, x: torch.Tensor, layout: QueryLayout) -> torch.Tensor:
@@ -89,11 +97,20 @@ class AdaptedTwoWayTransformer(nn.Module):
     """SAM's ``TwoWayTransformer`` run through :class:`AdaptedTwoWayBlock` s, plus a DMLPAdapter after the final
     token->image attention."""
 
-    def __init__(self, transformer: nn.Module, num_slices: int) -> None:
+    def __init__(
+        self, transformer: nn.Module, num_slices: int, image_adapter_kind: str = "dconv",
+        prompt_adapter_kind: str = "dmlp",
+    ) -> None:
         super().__init__()
         self.transformer = transformer
-        self.layers = nn.ModuleList([AdaptedTwoWayBlock(layer, num_slices) for layer in transformer.layers])
-        self.final_adapter = DMLPAdapter(transformer.embedding_dim, num_slices)
+        self.layers = nn.ModuleList(
+            [
+                AdaptedTwoWayBlock(layer, num_slices, image_adapter_kind=image_adapter_kind,
+                                   prompt_adapter_kind=prompt_adapter_kind)
+                for layer in transformer.layers
+            ]
+        )
+        self.final_adapter = prompt_adapter(prompt_adapter_kind, transformer.embedding_dim, num_slices)
 
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor, layout: QueryLayout
@@ -121,39 +138,53 @@ class ClassifyingMaskDecoder(nn.Module):
         num_classes: K, background included; the head predicts K+1 (index K = no object).
         grid: g, the side of the image embedding; the dense positional encoding is the top-left g x g corner
             of SAM's grid (the frame convention of spec section 2).
+        image_adapter_kind, prompt_adapter_kind: adapter kinds on the image / prompt-token path (ablation).
+        depth_pos_embed: add the learnable decoder depth embedding (ablation B5 on).
     """
 
     def __init__(
-        self, prompt_encoder: nn.Module, mask_decoder: nn.Module, num_slices: int, num_classes: int, grid: int
+        self,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        num_slices: int,
+        num_classes: int,
+        grid: int,
+        image_adapter_kind: str = "dconv",
+        prompt_adapter_kind: str = "dmlp",
+        depth_pos_embed: bool = True,
     ) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        self.transformer = AdaptedTwoWayTransformer(mask_decoder.transformer, num_slices)
+        self.transformer = AdaptedTwoWayTransformer(
+            mask_decoder.transformer, num_slices, image_adapter_kind, prompt_adapter_kind
+        )
         dim = mask_decoder.transformer_dim
         self.num_slices, self.grid = num_slices, grid
-        self.depth_pos_embed = nn.Parameter(torch.zeros(num_slices, dim, grid, grid))
+        self.depth_pos_embed = nn.Parameter(torch.zeros(num_slices, dim, grid, grid)) if depth_pos_embed else None
         self.global_class_token = nn.Parameter(torch.randn(1, dim) * 0.02)
         self.class_head = nn.Linear(dim, num_classes + 1)
 
     def dense_positional_encoding(self) -> torch.Tensor:
         """``(D, C, g, g)``: SAM's dense PE (cropped to the frame) + the learnable decoder depth embedding."""
         pe = self.prompt_encoder.get_dense_pe()[:, :, : self.grid, : self.grid]
+        if self.depth_pos_embed is None:
+            return pe.expand(self.num_slices, -1, -1, -1)
         return pe + self.depth_pos_embed
 
     def forward(
         self,
         image_embedding: torch.Tensor,
         boxes_px: torch.Tensor,
-        mask_prompt: torch.Tensor,
+        mask_prompt: Optional[torch.Tensor],
         aux_tokens: torch.Tensor,
-        points: Tuple[torch.Tensor, torch.Tensor] = None,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             image_embedding: ``(B*D, C, g, g)``.
             boxes_px: ``(B, D, N, 4)`` xyxy in SAM-frame pixels.
-            mask_prompt: ``(B, D, N, 4g, 4g)`` mask logits.
+            mask_prompt: ``(B, D, N, 4g, 4g)`` mask logits, or ``None`` for no mask prompt (ablation B2).
             aux_tokens: ``(B, D, N, C)``.
             points: optional extra point prompts ``(coords (B*D*N, P, 2) px, labels (B*D*N, P))``.
 
@@ -166,8 +197,9 @@ class ClassifyingMaskDecoder(nn.Module):
         sparse, dense = self.prompt_encoder(
             points=points,
             boxes=boxes_px.reshape(-1, 4),
-            masks=mask_prompt.reshape(-1, 1, *mask_prompt.shape[-2:]),
-        )  # sparse (BDN, T_prompt, C), dense (BDN, C, g, g)
+            masks=None if mask_prompt is None else mask_prompt.reshape(-1, 1, *mask_prompt.shape[-2:]),
+        )  # sparse (BDN, T_prompt, C), dense (BDN, C, g, g); without a mask prompt SAM's full grid
+        dense = dense[..., :g, :g]  # "no mask" is one constant vector: its frame corner is the same
 
         dec = self.mask_decoder
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (5, C)
@@ -185,3 +217,64 @@ class ClassifyingMaskDecoder(nn.Module):
         masks = torch.einsum("qc,qchw->qhw", hyper, upscaled)
         class_logits = self.class_head(hs[:, -1])
         return class_logits.reshape(b, d, n, -1), masks.reshape(b, d, n, *masks.shape[-2:])
+
+    def decode_prompts(
+        self,
+        image_embedding: torch.Tensor,
+        num_prompts: int = 1,
+        boxes_px: Optional[torch.Tensor] = None,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        mask_prompt: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-only decoding (spec section 11, "prompt-only assist"): user prompts, no class token or head.
+
+        SAM's prompt encoder and the adapted two-way transformer with SAM's own output tokens (IoU token and
+        the 4 mask tokens) only; the adapters and the decoder depth embedding apply as trained (at zero they
+        add nothing, so the result is plain SAM / LiteMedSAM).
+
+        Args:
+            image_embedding: ``(B*D, C, g, g)`` (D = the network's ``num_slices``).
+            num_prompts: N, prompt sets per slice, ordered ``(b, d, n)``.
+            boxes_px: optional ``(B, D, N, 4)`` xyxy in SAM-frame pixels.
+            points: optional ``(coords (B*D*N, P, 2) px, labels (B*D*N, P))``; labels 1/0, -1 padding.
+            mask_prompt: optional ``(B, D, N, 4g, 4g)`` mask logits (e.g. the previous round's output).
+
+        Returns:
+            mask logits ``(B, D, N, 4, 4g, 4g)`` (token 0 = SAM's single-mask output, 1..3 the multimask
+            outputs) and predicted IoU ``(B, D, N, 4)``.
+        """
+        bd, c, g = image_embedding.shape[0], image_embedding.shape[1], image_embedding.shape[-1]
+        d, n = self.num_slices, int(num_prompts)
+        if bd % d:
+            raise ValueError(f"image_embedding must be (B*D, C, g, g) with D={d}, got {tuple(image_embedding.shape)}")
+        b = bd // d
+        if boxes_px is None and points is None:
+            raise ValueError("decode_prompts needs a box or points")
+        if boxes_px is not None and tuple(boxes_px.shape) != (b, d, n, 4):
+            raise ValueError(f"boxes_px must be (B, D, N, 4) = {(b, d, n, 4)}, got {tuple(boxes_px.shape)}")
+        if points is not None and (points[0].ndim != 3 or points[0].shape[0] != b * d * n):
+            raise ValueError(f"point coords must be (B*D*N={b * d * n}, P, 2), got {tuple(points[0].shape)}")
+        if mask_prompt is not None and tuple(mask_prompt.shape) != (b, d, n, 4 * g, 4 * g):
+            raise ValueError(f"mask_prompt must be (B, D, N, 4g, 4g) = {(b, d, n, 4 * g, 4 * g)}, "
+                             f"got {tuple(mask_prompt.shape)}")
+        sparse, dense = self.prompt_encoder(
+            points=points,
+            boxes=None if boxes_px is None else boxes_px.reshape(-1, 4),
+            masks=None if mask_prompt is None else mask_prompt.reshape(-1, 1, 4 * g, 4 * g),
+        )
+        if mask_prompt is None:  # SAM's "no mask" embedding on this frame's g x g grid (not its full 64 x 64)
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, c, 1, 1).expand(b * d * n, c, g, g)
+
+        dec = self.mask_decoder
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (1 + M, C)
+        tokens = torch.cat([output_tokens.expand(b * d * n, -1, -1), sparse], dim=1)
+        per_prompt = (b, d, n, c, g, g)
+        src = image_embedding.reshape(b, d, 1, c, g, g).expand(per_prompt).reshape(-1, c, g, g) + dense
+        pos = self.dense_positional_encoding().reshape(1, d, 1, c, g, g).expand(per_prompt).reshape(-1, c, g, g)
+
+        hs, keys = self.transformer(src, pos, tokens, QueryLayout(b, d, n))
+        upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(-1, c, g, g))  # (BDN, C/8, 4g, 4g)
+        hyper = torch.stack([mlp(hs[:, 1 + m]) for m, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+        masks = torch.einsum("qmc,qchw->qmhw", hyper, upscaled)
+        iou = dec.iou_prediction_head(hs[:, 0])
+        return masks.reshape(b, d, n, *masks.shape[1:]), iou.reshape(b, d, n, -1)
