@@ -305,3 +305,31 @@ def test_evaluate_and_inference_configs_read_every_recorded_setting():
                 default = parser.get_parsed_content(key)
                 expected = train[key]
                 assert default == expected, f"{name}: default of {key!r} {default!r} differs from train.yaml {expected!r}"
+
+
+# ------------------------------------------------------------------------- yes/no settings from the CLI
+def test_false_from_the_command_line_means_false_everywhere(tmp_path):
+    """python-fire hands ``--overwrite false`` over as the string "false" (``bool("false")`` is True): a fresh
+    run must still refuse to replace a previous run's checkpoint, and the network switches must be off."""
+    from scripts.cli import describe_error
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint_last.pt").write_bytes(b"a previous run")
+    cli_strings = dict(overwrite="false", resume="false", amp="false", depth_pos_embed="false",
+                       fused_attention="false", use_checkpoint="true", allow_random_sam="false", deterministic="no")
+    parser = parser_for(TRAIN_CONFIGS, output_dir=str(out),
+                        ckpt_dir=str(tmp_path / "models"), **cli_strings)
+    with pytest.raises(Exception) as refused:
+        parser.get_parsed_content("last_checkpoint")
+    assert "FileExistsError" in describe_error(refused.value) and "checkpoint_last.pt" in describe_error(refused.value)
+    assert (out / "checkpoint_last.pt").read_bytes() == b"a previous run"
+    assert parser.get_parsed_content("use_amp") is False
+    assert parser.get_parsed_content("model_settings")["depth_pos_embed"] is False
+    net = parser.get_parsed_content("network_def")
+    assert net.image_encoder.depth_embed is None and net.image_encoder.use_checkpoint is True
+    assert all(not block.fused_attention for block in net.image_encoder.blocks)
+    with pytest.raises(Exception) as unclear:
+        parser_for(TRAIN_CONFIGS, output_dir=str(out), overwrite="nope",
+                   ckpt_dir=str(tmp_path / "models")).get_parsed_content("last_checkpoint")
+    assert describe_error(unclear.value) == "ValueError: overwrite must be true or false, got 'nope'"

@@ -11,7 +11,8 @@ from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
 from scripts.network import MaskSAM
-from scripts.tta import MirrorEnsemble, MirroringSlidingWindowInferer, mirror_combinations, parse_flag
+from scripts.cli import parse_flag
+from scripts.tta import MirrorEnsemble, MirroringSlidingWindowInferer, mirror_combinations
 
 BUNDLE = Path(__file__).resolve().parents[1] / "masksam_bundle"
 TINY = dict(backbone="vit_t", num_classes=4, num_queries=4, num_slices=4, image_size=64, sam_upsample=1)

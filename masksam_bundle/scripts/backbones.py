@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .io import safe_torch_load
+from .cli import parse_flag
 
 
 SAM_FRAME = 1024  # SAM's input frame (pixels); smaller inputs sit in its top-left corner
@@ -135,6 +136,7 @@ def require_sam_checkpoint(backbone: str, checkpoint: Optional[str], allow_rando
         ValueError: no checkpoint; FileNotFoundError: the given file does not exist. Both name
         ``sam_checkpoint`` and the official file name.
     """
+    allow_random_sam = parse_flag(allow_random_sam, "allow_random_sam")
     expected = OFFICIAL_CHECKPOINTS.get(backbone)
     if expected is None:
         return

@@ -22,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.cli import parse_flag
 from scripts.io import atomic_torch_save, ensure_writable_dir, safe_torch_load
 from scripts.settings import check_model_settings, settings_path, write_model_settings
 
@@ -129,6 +130,7 @@ def prepare_training_output(output_dir: str, ckpt_dir: str, resume: bool = False
                             last_name: str = "checkpoint_last.pt", best_name: str = "model.pt") -> str:
     """Check before any heavy work that the output folders are writable and that a fresh run would not
     silently replace a previous run's checkpoints. Returns the last-checkpoint path."""
+    resume, overwrite = parse_flag(resume, "resume"), parse_flag(overwrite, "overwrite")
     ensure_writable_dir(output_dir, "output_dir")
     ensure_writable_dir(ckpt_dir, "ckpt_dir")
     last = os.path.join(output_dir, last_name)
@@ -214,7 +216,7 @@ class ResumableCheckpoint:
                  lr_scheduler: Optional[Any] = None, best_saver: Optional[BestModelSaver] = None,
                  resume: bool = False, save_interval_iters: int = 0, settings: Optional[Mapping] = None) -> None:
         self.path, self.network, self.optimizer, self.lr_scheduler = path, network, optimizer, lr_scheduler
-        self.best_saver, self.resume = best_saver, bool(resume)
+        self.best_saver, self.resume = best_saver, parse_flag(resume, "resume")
         self.save_interval_iters = int(save_interval_iters or 0)
         self.settings = {k: _plain(v) for k, v in (settings or {}).items()}
 

@@ -20,9 +20,9 @@ import inspect
 import os
 import sys
 import traceback
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
-__all__ = ["install", "root_cause", "describe_error", "format_error", "unknown_overrides", "is_bundle_cli"]
+__all__ = ["parse_flag", "install", "root_cause", "describe_error", "format_error", "unknown_overrides", "is_bundle_cli"]
 
 DEBUG_ENV = "MASKSAM_DEBUG"
 # messages of MONAI's wrappers around the error that matters (config expression, component, Compose)
@@ -38,6 +38,20 @@ def is_bundle_cli(argv: Optional[Sequence[str]] = None) -> bool:
     """True when this process is ``python -m monai.bundle ...`` (directly or under torchrun)."""
     argv = sys.argv if argv is None else argv
     return bool(argv) and os.path.normpath(str(argv[0])).endswith(os.path.join("monai", "bundle", "__main__.py"))
+
+
+# -------------------------------------------------------------------------------------------- settings
+def parse_flag(value: Union[bool, int, str], name: str) -> bool:
+    """A yes/no setting as a bool. The bundle CLI (python-fire) passes ``--overwrite false`` as the *string*
+    ``"false"``, which ``bool()`` reads as true; so strings are parsed, and anything unclear is refused naming
+    ``name``. Every yes/no setting of the configs goes through here."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -25,6 +25,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
+from scripts.cli import parse_flag
 from scripts.data import strip_nifti_suffix
 from scripts.io import atomic_write, atomic_write_text, ensure_writable_dir
 
@@ -131,6 +132,7 @@ def overlay_png(image2d: np.ndarray, gt2d: np.ndarray, pred2d: np.ndarray, path:
 def prepare_evaluation_output(output_dir: str, overwrite: bool = False) -> str:
     """Before the network, checkpoint and data are loaded: ``output_dir`` must be writable and must not hold a
     previous report (unless ``overwrite``). ``EvaluationReport`` checks again when the evaluator starts."""
+    overwrite = parse_flag(overwrite, "overwrite")
     ensure_writable_dir(output_dir, "output_dir")
     existing = [os.path.join(output_dir, n) for n in ("metrics.json", "metrics.csv")
                 if os.path.exists(os.path.join(output_dir, n))]
@@ -154,7 +156,7 @@ class EvaluationReport:
                  overwrite: bool = False, extra: Optional[Dict] = None, hd_percentile: float = 95.0) -> None:
         self.output_dir, self.class_names = str(output_dir), list(class_names)
         self.fg_names = self.class_names[1:]
-        self.num_overlays, self.overwrite, self.extra = int(num_overlays), bool(overwrite), dict(extra or {})
+        self.num_overlays, self.overwrite, self.extra = int(num_overlays), parse_flag(overwrite, "overwrite"), dict(extra or {})
         self.hd_percentile = hd_percentile
         self.cases: List[Dict] = []
         self._slices: Dict[str, tuple] = {}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from scripts.checkpointing import load_model_weights
-from scripts.cli import describe_error
+from scripts.cli import describe_error, parse_flag
 from scripts.data import strip_nifti_suffix
 from scripts.io import atomic_write, ensure_writable_dir
 from scripts.precision import autocast
@@ -115,8 +115,8 @@ class Predictor:
                  amp_dtype: str = "auto") -> None:
         self.network, self.preprocessing, self.inferer = network, preprocessing, inferer
         self.postprocessing, self.data, self.output_dir = postprocessing, list(data), str(output_dir)
-        self.checkpoint, self.device, self.overwrite = checkpoint, torch.device(device), bool(overwrite)
-        self.output_postfix, self.amp, self.settings = output_postfix, bool(amp), settings
+        self.checkpoint, self.device, self.overwrite = checkpoint, torch.device(device), parse_flag(overwrite, "overwrite")
+        self.output_postfix, self.amp, self.settings = output_postfix, parse_flag(amp, "amp"), settings
         self.amp_dtype = amp_dtype
 
     def plan(self) -> List[tuple]:

@@ -28,6 +28,8 @@ import resource
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .cli import parse_flag
+
 __all__ = ["TABLE_PATH", "Estimate", "load_table", "estimate_peak_gb", "available_gb", "check_memory",
            "InsufficientMemoryError"]
 
@@ -233,8 +235,9 @@ def check_memory(backbone: str, patch_size: Sequence[int], sam_upsample: int, nu
                  memory_limit_gb: Optional[float] = None, enabled: bool = True) -> Optional[Estimate]:
     """Estimate the run's peak memory and raise :class:`InsufficientMemoryError` (estimate, what is free,
     settings that would fit) when it is larger than what is available. Call before building the network."""
-    if not enabled:
+    if not parse_flag(enabled, "memory_check"):
         return None
+    amp, use_checkpoint = parse_flag(amp, "amp"), parse_flag(use_checkpoint, "use_checkpoint")
     device = str(device)
     data_gb = data_cache_gb(data or [], cache_rate, pixdim, in_channels, class_indices=mode == "train")
     settings = dict(backbone=backbone, image_size=int(patch_size[0]), sam_upsample=int(sam_upsample),

@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 
 from .adapters import IMAGE_ADAPTERS, PROMPT_ADAPTERS
 from .backbones import BACKBONES, SAM_FRAME, build_sam_parts
+from .cli import parse_flag
 from .image_encoder import AdaptedTinyViTEncoder, AdaptedViTEncoder
 from .mask_decoder import ClassifyingMaskDecoder
 from .modality_adapter import ModalityAdapter
@@ -82,6 +83,9 @@ class MaskSAM(nn.Module):
         super().__init__()
         sam_size = _check_frame(backbone, image_size, sam_upsample)
         _check_switches(prompt_mode, image_adapter, prompt_adapter)
+        use_checkpoint = parse_flag(use_checkpoint, "use_checkpoint")
+        depth_pos_embed = parse_flag(depth_pos_embed, "depth_pos_embed")
+        fused_attention = parse_flag(fused_attention, "fused_attention")
         if num_classes < 2:
             raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
         if num_queries < 1 or num_slices < 1 or in_channels < 1:

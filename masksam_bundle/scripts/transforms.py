@@ -23,6 +23,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from .cli import parse_flag
+
 
 def _filename(data: Mapping, key: Hashable) -> str:
     value = data[key]
@@ -56,7 +58,7 @@ class ValidateSampled(MapTransform):
         super().__init__(keys, allow_missing_keys=True)
         self.image_key, self.label_key = image_key, label_key
         self.num_classes, self.in_channels = num_classes, int(in_channels)
-        self.fix_nonfinite, self.affine_atol = fix_nonfinite, affine_atol
+        self.fix_nonfinite, self.affine_atol = parse_flag(fix_nonfinite, "fix_nonfinite"), affine_atol
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)

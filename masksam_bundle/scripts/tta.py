@@ -15,19 +15,9 @@ import torch
 import torch.nn as nn
 from monai.inferers import SlidingWindowInferer
 
-__all__ = ["MirrorEnsemble", "MirroringSlidingWindowInferer", "mirror_combinations", "parse_flag"]
+from .cli import parse_flag
 
-
-def parse_flag(value: Union[bool, int, str], name: str) -> bool:
-    """A yes/no setting as a bool. The bundle CLI passes ``--tta_mirror false`` as the *string* ``"false"``
-    (which ``bool()`` would read as true), so strings are parsed and anything unclear is refused."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+__all__ = ["MirrorEnsemble", "MirroringSlidingWindowInferer", "mirror_combinations"]
 
 
 def mirror_combinations(axes: Sequence[int]) -> List[Tuple[int, ...]]:
