@@ -125,9 +125,22 @@ def run_worker(spec: Dict, timeout: float) -> Dict:
 GROUP_KEYS = ("device", "backbone", "sam_size", "image_size", "num_queries", "mode", "amp", "checkpointing", "fused")
 
 
+def figure_records(figure: Dict) -> List[Dict]:
+    """The speed benchmark's compact figures (``--figures-json``: one entry per configuration with the training
+    peak ``peak_rss_gb`` and, when measured, the batch-1 inference peak ``peak_infer_rss_gb``) as records."""
+    records = [{**figure, "mode": figure.get("mode") or "train"}]
+    if figure.get("peak_infer_rss_gb") is not None:
+        records.append({**figure, "mode": "infer", "batch": 1, "checkpointing": False,  # eval: nothing kept
+                        "peak_rss_gb": figure["peak_infer_rss_gb"]})
+    return records
+
+
 def normalise_record(r: Dict) -> Optional[Dict]:
-    """A record from this script or another benchmark, in this script's fields (None when unusable)."""
+    """A record from this script or another benchmark, in this script's fields (None when unusable: not a
+    MaskSAM backbone, not measured)."""
     if r.get("status", "ok") != "ok" or r.get("peak_rss_gb") is None or "backbone" not in r:
+        return None
+    if r["backbone"] == "dynunet":  # the speed benchmark's reference network
         return None
     patch = r.get("patch") or [r["image_size"], r["image_size"], r["depth"]]
     backbone = r["backbone"]
@@ -137,7 +150,7 @@ def normalise_record(r: Dict) -> Optional[Dict]:
         "backbone": backbone, "image_size": int(patch[0]), "depth": int(patch[2]),
         "sam_upsample": int(up), "sam_size": int(patch[0]) * (1 if backbone == "lite_medsam" else int(up)),
         "num_queries": int(r.get("num_queries", 8)), "batch": int(r.get("batch", 1)),
-        "mode": r.get("mode", "train"), "amp": bool(r.get("amp", False)),
+        "mode": r.get("mode") or "train", "amp": bool(r.get("amp", False)),
         "checkpointing": bool(r.get("checkpointing", r.get("use_checkpoint", False))),
         "fused": bool(r.get("fused", False)), "peak_rss_gb": float(r["peak_rss_gb"]),
         "step_s": r.get("step_s"), "source": r.get("source", "bench/measure_memory.py"),
@@ -216,6 +229,59 @@ def build_table(records: List[Dict], check: bool, fused: bool, environment_info:
     }
 
 
+# ------------------------------------------------------------------------------------- README's table
+# (label, estimate_peak_gb settings) of the README's Memory section; CPU, fp32.
+README_ROWS = [
+    ("ACDC training, `vit_b` ×4 (1024 frame), batch 2 (the preset)",
+     dict(backbone="vit_b", image_size=256, sam_upsample=4, depth=4, num_queries=8, batch=2)),
+    ("same, `--use_checkpoint true`",
+     dict(backbone="vit_b", image_size=256, sam_upsample=4, depth=4, num_queries=8, batch=2, checkpointing=True)),
+    ("same, batch 1, `--use_checkpoint true`",
+     dict(backbone="vit_b", image_size=256, sam_upsample=4, depth=4, num_queries=8, batch=1, checkpointing=True)),
+    ("same, batch 1, `--use_checkpoint true --fused_attention false` (SAM's explicit attention)",
+     dict(backbone="vit_b", image_size=256, sam_upsample=4, depth=4, num_queries=8, batch=1, checkpointing=True,
+          fused=False)),
+    ("ACDC evaluation / inference, `vit_b`, `sw_batch_size` 2",
+     dict(backbone="vit_b", image_size=256, sam_upsample=4, depth=4, num_queries=8, batch=2, mode="infer")),
+    ("demo training, `lite_medsam` 256×256×4, N=4, batch 1",
+     dict(backbone="lite_medsam", image_size=256, sam_upsample=1, depth=4, num_queries=4, batch=1)),
+    ("`lite_medsam` inference, `sw_batch_size` 2, N=4",
+     dict(backbone="lite_medsam", image_size=256, sam_upsample=1, depth=4, num_queries=4, batch=2, mode="infer")),
+    ("tiny preset training (`vit_t` 64×64×4)",
+     dict(backbone="vit_t", image_size=64, sam_upsample=1, depth=4, num_queries=4, batch=1)),
+]
+
+
+def _replace_between(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"README has no '{start.strip()}' ... '{end}' markers")
+    head, rest = text.split(start, 1)
+    return head + start + body + end + rest.split(end, 1)[1]
+
+
+def render_readme(readme: str, table_path: str) -> None:
+    """Rewrite the README's estimated-peak table and its example error from the memory table."""
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    from scripts.memory import InsufficientMemoryError, check_memory, estimate_peak_gb
+
+    table = json.loads(Path(table_path).read_text())
+    rows = ["| run | estimated peak (GB) | from |", "|---|---:|---|"]
+    for label, settings in README_ROWS:
+        estimate = estimate_peak_gb(**settings, table=table)
+        rows.append(f"| {label} | {estimate.total_gb:.1f} | {estimate.source} |")
+    try:  # the preset on a 20 GB machine (the error the README shows)
+        check_memory("vit_b", [256, 256, 4], 4, 8, 2, memory_limit_gb=20.0)
+        example = "(fits)"
+    except InsufficientMemoryError as e:
+        example = f"error: {e}"
+    text = Path(readme).read_text()
+    text = _replace_between(text, "memory-table", "\n".join(rows) + "\n")
+    text = _replace_between(text, "vitb-example", f"```\n{example}\n```\n")
+    Path(readme).write_text(text)
+    print(f"rewrote the memory table and example in {readme}")
+
+
 # ------------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -230,12 +296,16 @@ def main() -> None:
     parser.add_argument("--output", default=str(TABLE))
     parser.add_argument("--merge", action="store_true", help="keep the records already in --output")
     parser.add_argument("--refit", nargs="*", default=None, help="JSON files with records to add; no measuring")
+    parser.add_argument("--readme", default=None, help="only rewrite this README's memory table from --output")
     parser.add_argument("--train_loop_run", nargs=3, action="append", default=[], metavar=("NAME", "RUN_GB", "STEP_GB"),
                         help="a whole training run's peak (/usr/bin/time -v) and the table's estimate of its step "
                              "alone; the largest difference becomes train_loop_gb")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.readme:
+        render_readme(args.readme, args.output)
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -254,6 +324,7 @@ def main() -> None:
             for path in sorted(glob.glob(pattern)):
                 content = json.loads(Path(path).read_text())
                 items = content.get("records") or content.get("results") or (content if isinstance(content, list) else [])
+                items = items or [r for f in content.get("figures", []) for r in figure_records(f)]
                 for item in items:
                     r = normalise_record({**item, "source": path})
                     if r is not None:

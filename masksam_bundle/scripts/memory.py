@@ -102,14 +102,16 @@ def _select_fit(table: dict, query: dict) -> Tuple[dict, List[str]]:
 
 def estimate_peak_gb(backbone: str, image_size: int, sam_upsample: int, depth: int, num_queries: int,
                      batch: int, mode: str = "train", amp: bool = False, checkpointing: bool = False,
-                     device: str = "cpu", data_gb: float = 0.0, table: Optional[dict] = None) -> Estimate:
+                     device: str = "cpu", data_gb: float = 0.0, table: Optional[dict] = None,
+                     fused: Optional[bool] = None) -> Estimate:
     """Peak memory of one training step (``mode="train"``, ``batch`` = batch size) or one sliding-window
-    forward (``mode="infer"``, ``batch`` = ``sw_batch_size``), in GiB."""
+    forward (``mode="infer"``, ``batch`` = ``sw_batch_size``), in GiB. ``fused``: the encoder's attention kernel
+    (``fused_attention``); ``None`` takes the table's default."""
     table = table if table is not None else load_table()
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     sam_size = int(image_size) * (1 if backbone == "lite_medsam" else int(sam_upsample))
     query = dict(device=device, backbone=backbone, mode=mode, checkpointing=bool(checkpointing),
-                 amp=bool(amp) and device == "cuda", fused=bool(table.get("fused", False)),
+                 amp=bool(amp) and device == "cuda", fused=bool(table.get("fused", False)) if fused is None else bool(fused),
                  sam_size=sam_size, image_size=int(image_size), num_queries=int(num_queries))
     fit, differs = _select_fit(table, query)
     # per-slice activations scale with the SAM frame's area (encoder) and the patch area x N (decoder);
@@ -232,17 +234,20 @@ def _candidates(settings: dict) -> List[Tuple[str, dict]]:
 def check_memory(backbone: str, patch_size: Sequence[int], sam_upsample: int, num_queries: int, batch_size: int,
                  mode: str = "train", amp: bool = False, use_checkpoint: bool = False, device="cpu",
                  data: Optional[Sequence[dict]] = None, cache_rate: float = 0.0, pixdim=None, in_channels: int = 1,
-                 memory_limit_gb: Optional[float] = None, enabled: bool = True) -> Optional[Estimate]:
+                 memory_limit_gb: Optional[float] = None, enabled: bool = True,
+                 fused_attention: bool = True) -> Optional[Estimate]:
     """Estimate the run's peak memory and raise :class:`InsufficientMemoryError` (estimate, what is free,
     settings that would fit) when it is larger than what is available. Call before building the network."""
     if not parse_flag(enabled, "memory_check"):
         return None
     amp, use_checkpoint = parse_flag(amp, "amp"), parse_flag(use_checkpoint, "use_checkpoint")
+    fused = parse_flag(fused_attention, "fused_attention")
     device = str(device)
     data_gb = data_cache_gb(data or [], cache_rate, pixdim, in_channels, class_indices=mode == "train")
     settings = dict(backbone=backbone, image_size=int(patch_size[0]), sam_upsample=int(sam_upsample),
                     depth=int(patch_size[2]), num_queries=int(num_queries), batch=int(batch_size), mode=mode,
-                    amp=bool(amp), checkpointing=bool(use_checkpoint), device=device, data_gb=data_gb)
+                    amp=bool(amp), checkpointing=bool(use_checkpoint), device=device, data_gb=data_gb,
+                    fused=fused)
     try:
         estimate = estimate_peak_gb(**settings)
     except KeyError as e:
