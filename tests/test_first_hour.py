@@ -207,6 +207,17 @@ def test_memory_estimate_follows_the_attention_kernel():
                         fused_attention="true").total_gb == pytest.approx(fused.total_gb)
 
 
+def test_auto_checkpointing_turns_on_only_when_the_step_would_not_fit():
+    from scripts.memory import estimate_peak_gb, resolve_use_checkpoint
+
+    preset = dict(backbone="vit_b", patch_size=[256, 256, 4], sam_upsample=4, num_queries=8, batch_size=2)
+    without = estimate_peak_gb("vit_b", 256, 4, depth=4, num_queries=8, batch=2).total_gb
+    assert resolve_use_checkpoint("auto", **preset, memory_limit_gb=without + 1) is False
+    assert resolve_use_checkpoint("auto", **preset, memory_limit_gb=without - 1) is True
+    assert resolve_use_checkpoint("false", **preset, memory_limit_gb=1) is False  # an explicit choice stays
+    assert resolve_use_checkpoint(True, **preset, memory_limit_gb=1000) is True
+
+
 def test_available_memory_reads_meminfo_and_the_environment_switch(monkeypatch):
     from scripts.memory import LIMIT_ENV, available_gb
 

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .cli import parse_flag
 
 __all__ = ["TABLE_PATH", "Estimate", "load_table", "estimate_peak_gb", "available_gb", "check_memory",
-           "InsufficientMemoryError"]
+           "resolve_use_checkpoint", "InsufficientMemoryError"]
 
 logger = logging.getLogger("masksam.memory")
 
@@ -216,6 +216,33 @@ def data_cache_gb(entries: Sequence[dict], cache_rate: float = 1.0, pixdim: Opti
 
 
 # ------------------------------------------------------------------------------------------------ check
+def resolve_use_checkpoint(use_checkpoint, backbone: str, patch_size: Sequence[int], sam_upsample: int,
+                           num_queries: int, batch_size: int, amp: bool = False, device="cpu",
+                           fused_attention: bool = True, memory_limit_gb: Optional[float] = None,
+                           data: Optional[Sequence[dict]] = None, cache_rate: float = 0.0, pixdim=None,
+                           in_channels: int = 1) -> bool:
+    """``use_checkpoint`` of a training run as a bool. ``"auto"``: activation checkpointing (slower steps,
+    far less memory) only when the estimated peak of a training step without it is larger than what is
+    available; when the estimate or the free memory is unknown, off."""
+    if str(use_checkpoint).strip().lower() != "auto":
+        return parse_flag(use_checkpoint, "use_checkpoint")
+    settings = dict(backbone=backbone, image_size=int(patch_size[0]), sam_upsample=int(sam_upsample),
+                    depth=int(patch_size[2]), num_queries=int(num_queries), batch=int(batch_size), mode="train",
+                    amp=parse_flag(amp, "amp"), device=str(device), fused=parse_flag(fused_attention, "fused_attention"),
+                    data_gb=data_cache_gb(data or [], cache_rate, pixdim, in_channels, class_indices=True))
+    try:
+        without = estimate_peak_gb(**settings, checkpointing=False)
+        with_checkpointing = estimate_peak_gb(**settings, checkpointing=True)
+    except KeyError:
+        return False
+    free, source = available_gb(str(device), memory_limit_gb)
+    if free is None or without.total_gb <= free:
+        return False
+    logger.info(f"use_checkpoint auto: on (estimated peak {without.total_gb:.1f} GB without activation checkpointing, "
+                f"{with_checkpointing.total_gb:.1f} GB with it; available {free:.1f} GB, {source})")
+    return True
+
+
 def _candidates(settings: dict) -> List[Tuple[str, dict]]:
     """Cheaper settings to suggest, mildest first."""
     options = []
