@@ -1,4 +1,4 @@
-"""Issue 12 (the first hour of a new user), through the CLI as a user types it: a run too short to validate
+"""The first hour of a new user, through the CLI as a user types it: a run too short to validate
 still leaves a model; a model trained with other settings runs evaluation and inference with only --ckpt_dir;
 a misspelt override, a missing datalist and a run that cannot fit in memory stop with the cause on the last
 line; plus the pieces underneath (settings record, memory estimate, error report, case limits, one-file input).
@@ -8,8 +8,6 @@ Small synthetic volumes in tmp_path; subprocesses use one thread (faster on the 
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,28 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from test_robustness import AFFINE, make_dataset, parser_for, save
+from helpers import (BUNDLE, TINY, TINY_AFFINE, TRAIN_CONFIGS, chain_error, cli, last_line, make_dataset, parser_for,
+                     save)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = REPO_ROOT / "masksam_bundle"
-TINY = "['configs/train.yaml','configs/tiny.yaml']"
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
-TRAIN_CONFIGS = [str(BUNDLE / "configs" / "train.yaml"), str(BUNDLE / "configs" / "tiny.yaml")]
-
-
-def cli(*args, timeout=600):
-    """Run ``python -m monai.bundle ARGS`` in the bundle folder; (return code, stdout, stderr)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.pop("MASKSAM_DEBUG", None)
-    env.pop("MASKSAM_MEMORY_LIMIT_GB", None)
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *[str(a) for a in args]], cwd=BUNDLE,
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def last_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 # ------------------------------------------------------------------------------ training leaves a model
@@ -94,7 +74,7 @@ def test_inference_with_only_ckpt_dir_uses_the_recorded_settings(lite_model, tmp
     assert "backbone lite_medsam" in stdout and "num_queries 4" in stdout
     assert "built without a SAM checkpoint" not in stdout + stderr
     pred = nib.load(out / "c1_seg.nii.gz")
-    assert pred.shape == (40, 36, 2) and np.allclose(pred.affine, AFFINE)
+    assert pred.shape == (40, 36, 2) and np.allclose(pred.affine, TINY_AFFINE)
     assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 3}
 
 
@@ -163,14 +143,9 @@ def test_estimate_over_the_memory_limit_stops_before_the_network_is_built(tmp_pa
 
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("training")
-    assert any(isinstance(e, InsufficientMemoryError) for e in _chain(err.value))
+    assert chain_error(err, InsufficientMemoryError).startswith(
+        "not enough memory for this training step of vit_t (patch [64, 64, 4], batch 1")
     assert "network" not in parser.ref_resolver.resolved_content and "network_def" not in parser.ref_resolver.resolved_content
-
-
-def _chain(error):
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
 
 
 def test_memory_estimate_follows_the_table_and_suggests_settings_that_fit():

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ from scripts.pretrained import (
     trained_state,
 )
 
-BUNDLE = Path(__file__).resolve().parents[1] / "masksam_bundle"
+from helpers import BUNDLE, TINY_NET
+
 LITE = dict(backbone="lite_medsam", num_classes=4, num_queries=4, num_slices=4, image_size=256, sam_upsample=1)
 LITE_CONFIG = {"_target_": "scripts.network.MaskSAM", "checkpoint": None, "in_channels": 1, **LITE}
 MIB = 2**20
@@ -130,10 +130,9 @@ def test_module_entry_point(tmp_path):
 
 def test_random_frozen_backbones_cannot_be_rebuilt(tmp_path):
     torch.manual_seed(0)
-    tiny = dict(backbone="vit_t", num_classes=4, num_queries=4, num_slices=4, image_size=64, sam_upsample=1)
-    save_pieces(MaskSAM(**tiny), str(tmp_path), {"_target_": "scripts.network.MaskSAM", **tiny})
+    save_pieces(MaskSAM(**TINY_NET), str(tmp_path), {"_target_": "scripts.network.MaskSAM", **TINY_NET})
     assert json.loads((tmp_path / MANIFEST).read_text())["frozen_weights"] == "not restorable"
     with pytest.raises(ValueError, match="vit_t.*frozen weights are random"):
         rebuild_model(str(tmp_path), str(tmp_path / "model.pt"))
     with pytest.raises(FileExistsError, match="manifest.json exists"):
-        save_pieces(MaskSAM(**tiny), str(tmp_path), {"_target_": "scripts.network.MaskSAM", **tiny})
+        save_pieces(MaskSAM(**TINY_NET), str(tmp_path), {"_target_": "scripts.network.MaskSAM", **TINY_NET})
