@@ -19,6 +19,9 @@ from helpers import (BUNDLE, TINY, TINY_AFFINE, TRAIN_CONFIGS, chain_error, cli,
                      save)
 
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
+# Test-time mirroring (8 passes per window, tests in test_tta.py) is off where these tests check something else:
+# with it, one lite_medsam evaluation of two small cases took 600 s on the shared 2-core machine.
+NO_MIRRORING = ("--tta_mirror", "false")
 
 
 # ------------------------------------------------------------------------------ training leaves a model
@@ -69,7 +72,8 @@ def test_inference_with_only_ckpt_dir_uses_the_recorded_settings(lite_model, tmp
     image = lite_model["data"] / "imagesTr" / "c1.nii.gz"  # one file as --dataset_dir
     out = tmp_path / "pred"
     code, stdout, stderr = cli("run", "inference", "--config_file", "configs/inference.yaml",
-                               "--ckpt_dir", lite_model["models"], "--dataset_dir", image, "--output_dir", out)
+                               "--ckpt_dir", lite_model["models"], "--dataset_dir", image, "--output_dir", out,
+                               *NO_MIRRORING)
     assert code == 0, (stdout + stderr)[-4000:]
     assert "backbone lite_medsam" in stdout and "num_queries 4" in stdout
     assert "built without a SAM checkpoint" not in stdout + stderr
@@ -81,7 +85,8 @@ def test_inference_with_only_ckpt_dir_uses_the_recorded_settings(lite_model, tmp
 def test_evaluation_with_only_ckpt_dir_names_the_recorded_classes(lite_model, tmp_path):
     out = tmp_path / "eval"
     code, stdout, stderr = cli("run", "evaluating", "--config_file", EVALUATE, "--ckpt_dir", lite_model["models"],
-                               "--dataset_dir", lite_model["data"], "--output_dir", out, "--num_val_cases", "all")
+                               "--dataset_dir", lite_model["data"], "--output_dir", out, "--num_val_cases", "all",
+                               *NO_MIRRORING)
     assert code == 0, (stdout + stderr)[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["backbone"] == "lite_medsam" and metrics["patch_size"] == [256, 256, 2]
