@@ -1,4 +1,5 @@
-"""Shared test set-up: the bundle root on sys.path (so `import scripts` works as in MONAI bundles)."""
+"""Shared test set-up: the bundle root on sys.path (so `import scripts` works as in MONAI bundles), tests/ on
+sys.path (so test modules import their shared helpers as `from helpers import ...`), and the ACDC fixture."""
 
 import os
 import sys
@@ -6,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_ROOT = REPO_ROOT / "masksam_bundle"
-ACDC_DIR = REPO_ROOT.parent / "shared" / "data" / "acdc"
+TESTS_DIR = Path(__file__).resolve().parent
+for _path in (TESTS_DIR, TESTS_DIR.parent / "masksam_bundle"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-if str(BUNDLE_ROOT) not in sys.path:
-    sys.path.insert(0, str(BUNDLE_ROOT))
+from helpers import ACDC_DIR, BUNDLE, REPO_ROOT  # noqa: E402  (re-exported: `from conftest import REPO_ROOT`)
+
+BUNDLE_ROOT = BUNDLE
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "monailabel_app"))
 from lib.params import BadParameter, check_label_map, parse_request  # noqa: E402

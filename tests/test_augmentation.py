@@ -1,12 +1,10 @@
 """nnU-Net's default augmentation (scripts/augmentation.py and train#random_transforms in configs/train.yaml)."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.transforms import AdjustContrast, Compose, RandAffined, RandCropByLabelClassesd
 
 from scripts.augmentation import (
@@ -17,7 +15,8 @@ from scripts.augmentation import (
     sample_nnunet_factor,
 )
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "masksam_bundle"
+from helpers import parser_for
+
 PATCH = [256, 256, 4]
 
 
@@ -157,12 +156,7 @@ def test_blur_keeps_constant_images_and_low_resolution_leaves_the_slice_axis():
 
 
 def _acdc_parser(acdc_dir):
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / "train.yaml")])
-    parser["bundle_root"] = str(BUNDLE_ROOT)
-    parser["dataset_dir"] = str(acdc_dir)
-    parser["num_train_cases"] = 1
-    return parser
+    return parser_for(["train.yaml"], dataset_dir=str(acdc_dir), num_train_cases=1)
 
 
 def test_whole_random_chain_runs_on_a_real_acdc_case(acdc_dir):

@@ -6,29 +6,26 @@ its checkpoints. Every command runs in a subprocess exactly as a user would type
 
 import json
 import os
-import subprocess
+import re
+import shlex
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = REPO_ROOT / "masksam_bundle"
-TINY = "['configs/train.yaml','configs/tiny.yaml']"
-TINY_SETTINGS = dict(backbone="vit_t", num_classes=4, num_queries=4, num_slices=4, image_size=64, sam_upsample=1)
+from helpers import BUNDLE, REPO_ROOT, TINY, TINY_NET, cli
 
 
 def bundle_cli(*args, cwd=BUNDLE, timeout=600, expect_ok=True, launcher=None, stdout_only=False):
-    cmd = (launcher or [sys.executable, "-m"]) + ["monai.bundle", *[str(a) for a in args]]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    log = proc.stdout + proc.stderr
+    """Run a bundle command with two threads and Python warnings hidden; (return code, stdout or the whole log)."""
+    code, stdout, stderr = cli(*args, cwd=cwd, timeout=timeout, launcher=launcher, quiet=True,
+                               threads=os.environ.get("OMP_NUM_THREADS", "2"))
+    log = stdout + stderr
     if expect_ok:
-        assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(cmd)}\n{log[-6000:]}"
-    return proc.returncode, proc.stdout if stdout_only else log
+        assert code == 0, f"command failed ({code}): {args}\n{log[-6000:]}"
+    return code, stdout if stdout_only else log
 
 
 def loss_term_names():
@@ -36,7 +33,7 @@ def loss_term_names():
     from scripts.network import MaskSAM
 
     torch.manual_seed(0)
-    net = MaskSAM(**TINY_SETTINGS).train()
+    net = MaskSAM(**TINY_NET).train()
     loss = MaskSAMLoss(num_classes=4)
     label = torch.zeros(1, 1, 64, 64, 4)
     label[:, :, 10:30, 10:30] = 1
@@ -61,7 +58,7 @@ def test_training_writes_checkpoints_and_logs_every_loss_term(trained):
     assert best.is_file() and last.is_file()
     sd = torch.load(best, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values()) and not any(k.startswith("module.") for k in sd)
-    MaskSAM(**TINY_SETTINGS).load_state_dict(sd, strict=True)  # plain state dict of the tiny network
+    MaskSAM(**TINY_NET).load_state_dict(sd, strict=True)  # plain state dict of the tiny network
     ck = torch.load(last, weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer", "settings"} <= set(ck)
     assert ck["trainer"]["iteration"] == 2 and ck["trainer"]["epoch"] == 1
@@ -125,7 +122,9 @@ def test_evaluation_writes_metrics_json_csv_and_overlays(trained):
     assert {"dice", "hd95", "case", "mean_dice"} <= set(metrics["per_case"][0])
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("case,image,dice_RV,dice_Myo,dice_LV") and len(rows) == 3
-    assert len(list((out / "overlays").glob("*.png"))) >= 2
+    overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))  # 2 worst of 2 cases, no "best" left
+    cases = sorted(c["case"] for c in metrics["per_case"])
+    assert [re.sub(r"^worst_(.*)_z\d+\.png$", r"\1", name) for name in overlays] == cases, overlays
     assert "MEAN Dice" in log
 
 
@@ -202,8 +201,6 @@ def test_demo_main_job_runs_end_to_end(tmp_path):
     assert eval_cmd[1:5] == ["-m", "monai.bundle", "run", "evaluating"] and "--ckpt_dir" in eval_cmd
     assert "Use the model it just trained" in lines[-3]
     # the printed evaluation command, as printed (one volume, the demo's own model and settings)
-    import shlex
-
     _, eval_log = bundle_cli(*shlex.split(lines[-1])[3:])
     evaluated = json.loads((out / "my_evaluation" / "metrics.json").read_text())
     assert evaluated["backbone"] == "lite_medsam" and evaluated["num_cases"] == 1

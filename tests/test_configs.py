@@ -2,11 +2,7 @@
 the training guard against random SAM weights."""
 
 import math
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +12,7 @@ from monai.bundle import ConfigParser
 from scripts.adapters import DConvAdapter, SliceFolded
 from scripts.prompt_generator import default_decoder_channels
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = REPO_ROOT / "masksam_bundle"
-CONFIGS = BUNDLE / "configs"
+from helpers import CONFIGS, cli, parser_for
 
 # Table 4 of the paper: prompt mode, image-token adapter, prompt-token adapter, depth position embeddings.
 ABLATION = {
@@ -35,17 +29,14 @@ ABLATION = {
 PLACEMENT = {"dmlp": "middle", "dmlp_after_up": "after_up", "dmlp_before_down": "before_down", "vanilla": None}
 
 
-def parser_for(*names: str) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / name) for name in names])
-    parser["bundle_root"] = str(BUNDLE)
-    parser["device"] = "$torch.device('cpu')"
-    return parser
+def cpu_parser(*names: str) -> ConfigParser:
+    """The bundle configs ``names`` (in configs/) on the CPU."""
+    return parser_for(names, device="$torch.device('cpu')")
 
 
 def test_train_yaml_is_generic_and_acdc_yaml_holds_the_acdc_recipe():
-    generic = parser_for("train.yaml")
-    acdc = parser_for("train.yaml", "acdc.yaml")
+    generic = cpu_parser("train.yaml")
+    acdc = cpu_parser("train.yaml", "acdc.yaml")
     assert (generic["num_points"], generic["max_epochs"], generic["decoder_channels"]) == (12544, 1000, None)
     assert (acdc["num_points"], acdc["max_epochs"], acdc["decoder_channels"]) == (32768, 500, [256, 128, 128])
     loss = acdc.get_parsed_content("loss")
@@ -59,7 +50,7 @@ def test_train_yaml_is_generic_and_acdc_yaml_holds_the_acdc_recipe():
 
 @pytest.mark.parametrize("preset", ["acdc.yaml", "synapse.yaml", "amos.yaml"])
 def test_preset_decoder_widths_are_the_release_widths_for_their_stage_count(preset):
-    parser = parser_for("train.yaml", preset)
+    parser = cpu_parser("train.yaml", preset)
     side, up = parser["patch_size"][0], parser["sam_upsample"]
     grid = side * up // 16  # ViT embedding grid
     stages = int(math.log2(side / grid))
@@ -80,7 +71,7 @@ def test_ablation_overlay_builds_its_switches_and_trains_one_iteration(step):
     """Each overlay on the tiny preset: the network has the step's prompts, adapters and depth embeddings,
     and one SGD iteration of the configured loss gives every trainable parameter a gradient."""
     prompt_mode, image_kind, prompt_kind, depth_pos_embed = ABLATION[step]
-    parser = parser_for("train.yaml", "tiny.yaml", f"ablation/{step}.yaml")
+    parser = cpu_parser("train.yaml", "tiny.yaml", f"ablation/{step}.yaml")
     parser["num_points"] = 2048  # fewer sampled pixels: the switches, not the sampling, are under test
     assert parser.get_parsed_content("model_settings")["prompt_mode"] == prompt_mode
     torch.manual_seed(0)
@@ -124,15 +115,13 @@ def test_ablation_overlay_builds_its_switches_and_trains_one_iteration(step):
 
 def test_training_vit_b_without_sam_checkpoint_stops_before_any_work(tmp_path, acdc_dir):
     out, models = tmp_path / "out", tmp_path / "models"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "['configs/train.yaml','configs/acdc.yaml']", "--dataset_dir", str(acdc_dir),
-           "--output_dir", str(out), "--ckpt_dir", str(models)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env)
+    code, stdout, stderr = cli("run", "training", "--config_file", "['configs/train.yaml','configs/acdc.yaml']",
+                               "--dataset_dir", acdc_dir, "--output_dir", out, "--ckpt_dir", models, timeout=300,
+                               quiet=True)
     elapsed = time.monotonic() - start
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    log = stdout + stderr
+    assert code != 0
     assert "sam_checkpoint" in log and "sam_vit_b_01ec64.pth" in log and "allow_random_sam" in log, log[-3000:]
     # Refused before the output folders, the data and the network: nothing was created, no case was loaded.
     assert not out.exists() and not models.exists()
@@ -143,12 +132,13 @@ def test_training_vit_b_without_sam_checkpoint_stops_before_any_work(tmp_path, a
 def test_inference_yaml_builds_the_network_an_ablation_overlay_trains():
     """A model trained with an overlay loads into inference.yaml's network with the same overlay."""
     overlay = "ablation/B1.yaml"
-    trained = parser_for("train.yaml", "tiny.yaml", overlay).get_parsed_content("network_def")
-    served = parser_for("inference.yaml", "tiny.yaml", overlay).get_parsed_content("network_def")
+    trained = cpu_parser("train.yaml", "tiny.yaml", overlay).get_parsed_content("network_def")
+    served = cpu_parser("inference.yaml", "tiny.yaml", overlay).get_parsed_content("network_def")
     served.load_state_dict(trained.state_dict(), strict=True)
     assert served.prompt_mode == "mask" and served.prompt_generator.box_head is None
     for preset in ("acdc.yaml", "synapse.yaml", "amos.yaml"):  # presets overlay inference.yaml too
-        assert parser_for("inference.yaml", preset)["decoder_channels"] is not None
-    full = parser_for("inference.yaml", "tiny.yaml").get_parsed_content("network_def")
+        served_widths = cpu_parser("inference.yaml", preset)["decoder_channels"]
+        assert served_widths == cpu_parser("train.yaml", preset)["decoder_channels"], preset
+    full = cpu_parser("inference.yaml", "tiny.yaml").get_parsed_content("network_def")
     with pytest.raises(RuntimeError, match="box_head"):
         full.load_state_dict(trained.state_dict(), strict=True)

@@ -12,15 +12,11 @@ from monai.transforms import Compose, NormalizeIntensityd
 from scripts import data as D
 from scripts.checkpointing import load_model_weights, prepare_training_output
 from scripts.inference import Predictor, write_label_nifti
-from scripts.io import atomic_torch_save, atomic_write, safe_torch_load
+from scripts.io import safe_torch_load
 from scripts.synthetic import make_demo_dataset
 from scripts.transforms import deterministic_transforms
 
-
-def save(path, array, affine=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
-    return str(path)
+from helpers import raises_chain, save
 
 
 def test_acdc_datalist_loads_and_is_checked(acdc_dir):
@@ -62,7 +58,8 @@ def test_make_datalists_writes_grouped_folds_and_never_overwrites(tmp_path):
         patients = {v.split("/")[1][:10] for v in val}
         assert len(patients) == 2  # both frames of a patient in the same fold
         seen += sorted(val)
-        assert D.load_datalist(tmp_path / f"dataset_fold{k}.json", "validation")  # files resolve
+        resolved = D.load_datalist(tmp_path / f"dataset_fold{k}.json", "validation")  # files resolve
+        assert sorted(e["image"] for e in resolved) == sorted(str(tmp_path / v) for v in val)
     assert len(set(seen)) == 12
     with pytest.raises(FileExistsError, match="overwrite=True"):
         D.make_datalists(str(tmp_path), num_folds=3)
@@ -74,29 +71,6 @@ def _case(tmp_path, image, label, img_affine=None, lab_affine=None):
 
 def _load(case, **kw):
     return Compose(deterministic_transforms(num_classes=4, patch_size=[8, 8, 4], **kw))(case)
-
-
-class raises_chain:
-    """Like ``pytest.raises(exc, match=...)`` but matches anywhere in the exception chain (MONAI's Compose
-    wraps a transform's error in ``RuntimeError('applying transform ...')`` with the original as cause)."""
-
-    def __init__(self, exc, match):
-        self.exc, self.match = exc, match
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, value, tb):
-        import re
-
-        assert value is not None, "no exception raised"
-        chain = []
-        while value is not None:
-            chain.append(value)
-            value = value.__cause__ or value.__context__
-        hits = [e for e in chain if isinstance(e, self.exc) and re.search(self.match, str(e), re.S)]
-        assert hits, f"no {self.exc.__name__} matching {self.match!r} in {[repr(e) for e in chain]}"
-        return True
 
 
 def test_case_checks_name_the_files(tmp_path):
@@ -123,21 +97,6 @@ def test_case_checks_name_the_files(tmp_path):
     assert torch.isfinite(fixed["image"]).all()
     with raises_chain(ValueError, r"img.nii.gz: expected a 3D volume"):
         _load(_case(tmp_path, img[..., 0], lab[..., 0]))
-
-
-def test_atomic_write_keeps_previous_file_on_failure(tmp_path):
-    target = tmp_path / "ck.pt"
-    atomic_torch_save({"w": torch.ones(2)}, str(target))
-
-    def explode(tmp):
-        with open(tmp, "wb") as f:
-            f.write(b"partial")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(str(target), explode)
-    assert torch.equal(safe_torch_load(str(target))["w"], torch.ones(2))
-    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # no temporary left behind
 
 
 def test_checkpoint_loading_is_safe_and_names_mismatches(tmp_path):
@@ -170,7 +129,7 @@ def test_training_output_preflight(tmp_path):
     (ck / "model.pt").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="model.pt"):
         prepare_training_output(str(out), str(ck), resume=True)
-    assert prepare_training_output(str(out), str(ck), overwrite=True)
+    assert prepare_training_output(str(out), str(ck), overwrite=True) == str(out / "checkpoint_last.pt")
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")  # a folder below a file cannot be created, even by root
     with pytest.raises(PermissionError, match=r"output_dir .*a_file/sub.* cannot be written"):

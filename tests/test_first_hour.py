@@ -1,4 +1,4 @@
-"""Issue 12 (the first hour of a new user), through the CLI as a user types it: a run too short to validate
+"""The first hour of a new user, through the CLI as a user types it: a run too short to validate
 still leaves a model; a model trained with other settings runs evaluation and inference with only --ckpt_dir;
 a misspelt override, a missing datalist and a run that cannot fit in memory stop with the cause on the last
 line; plus the pieces underneath (settings record, memory estimate, error report, case limits, one-file input).
@@ -8,8 +8,6 @@ Small synthetic volumes in tmp_path; subprocesses use one thread (faster on the 
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,28 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from test_robustness import AFFINE, make_dataset, parser_for, save
+from helpers import (BUNDLE, TINY, TINY_AFFINE, TRAIN_CONFIGS, chain_error, cli, last_line, make_dataset, parser_for,
+                     save)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = REPO_ROOT / "masksam_bundle"
-TINY = "['configs/train.yaml','configs/tiny.yaml']"
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
-TRAIN_CONFIGS = [str(BUNDLE / "configs" / "train.yaml"), str(BUNDLE / "configs" / "tiny.yaml")]
-
-
-def cli(*args, timeout=600):
-    """Run ``python -m monai.bundle ARGS`` in the bundle folder; (return code, stdout, stderr)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.pop("MASKSAM_DEBUG", None)
-    env.pop("MASKSAM_MEMORY_LIMIT_GB", None)
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *[str(a) for a in args]], cwd=BUNDLE,
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def last_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+# Test-time mirroring (8 passes per window, tests in test_tta.py) is off where these tests check something else:
+# with it, one lite_medsam evaluation of two small cases took 600 s on the shared 2-core machine.
+NO_MIRRORING = ("--tta_mirror", "false")
 
 
 # ------------------------------------------------------------------------------ training leaves a model
@@ -90,12 +73,12 @@ def test_inference_with_only_ckpt_dir_uses_the_recorded_settings(lite_model, tmp
     out = tmp_path / "pred"
     code, stdout, stderr = cli("run", "inference", "--config_file", "configs/inference.yaml",
                                "--ckpt_dir", lite_model["models"], "--dataset_dir", image, "--output_dir", out,
-                               "--tta_mirror", "false")  # mirroring (8 passes) is tested in test_tta.py
+                               *NO_MIRRORING)
     assert code == 0, (stdout + stderr)[-4000:]
     assert "backbone lite_medsam" in stdout and "num_queries 4" in stdout
     assert "built without a SAM checkpoint" not in stdout + stderr
     pred = nib.load(out / "c1_seg.nii.gz")
-    assert pred.shape == (40, 36, 2) and np.allclose(pred.affine, AFFINE)
+    assert pred.shape == (40, 36, 2) and np.allclose(pred.affine, TINY_AFFINE)
     assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 3}
 
 
@@ -103,7 +86,7 @@ def test_evaluation_with_only_ckpt_dir_names_the_recorded_classes(lite_model, tm
     out = tmp_path / "eval"
     code, stdout, stderr = cli("run", "evaluating", "--config_file", EVALUATE, "--ckpt_dir", lite_model["models"],
                                "--dataset_dir", lite_model["data"], "--output_dir", out, "--num_val_cases", "all",
-                               "--tta_mirror", "false")
+                               *NO_MIRRORING)
     assert code == 0, (stdout + stderr)[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["backbone"] == "lite_medsam" and metrics["patch_size"] == [256, 256, 2]
@@ -165,14 +148,9 @@ def test_estimate_over_the_memory_limit_stops_before_the_network_is_built(tmp_pa
 
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("training")
-    assert any(isinstance(e, InsufficientMemoryError) for e in _chain(err.value))
+    assert chain_error(err, InsufficientMemoryError).startswith(
+        "not enough memory for this training step of vit_t (patch [64, 64, 4], batch 1")
     assert "network" not in parser.ref_resolver.resolved_content and "network_def" not in parser.ref_resolver.resolved_content
-
-
-def _chain(error):
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
 
 
 def test_memory_estimate_follows_the_table_and_suggests_settings_that_fit():

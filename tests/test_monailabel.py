@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BUNDLE_ROOT, REPO_ROOT
+from helpers import BUNDLE as BUNDLE_ROOT, REPO_ROOT, save
 
 APP_DIR = REPO_ROOT / "monailabel_app"
 VENV = Path(os.environ.get("MASKSAM_MONAILABEL_VENV", APP_DIR / ".venv"))
@@ -345,7 +345,7 @@ def test_no_model_errors_reach_the_client(server_no_model, tmp_path):
     assert status == 404 and "'no_such_image' not found" in detail
     # An uploaded label of the wrong shape is refused before any inference runs.
     small = tmp_path / "small_label.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), dtype=np.uint8), np.eye(4)), str(small))
+    save(small, np.zeros((10, 10, 10), dtype=np.uint8))
     runs = server_no_model.log_tail(10**7).count("MaskSAM interactive:")
     status, detail = _error(server_no_model, url, {"target": "lv", "roi": [1, 2, 3, 4, 5, 5]}, files={"label": small})
     assert status == 400 and "bad parameter 'label'" in detail and "(232, 256, 10)" in detail

@@ -2,10 +2,8 @@
 rebuilds a full model.pt from them and the packaged LiteMedSAM weights."""
 
 import json
-import os
-import subprocess
+import runpy
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,8 @@ from scripts.pretrained import (
     trained_state,
 )
 
-BUNDLE = Path(__file__).resolve().parents[1] / "masksam_bundle"
+from helpers import TINY_NET
+
 LITE = dict(backbone="lite_medsam", num_classes=4, num_queries=4, num_slices=4, image_size=256, sam_upsample=1)
 LITE_CONFIG = {"_target_": "scripts.network.MaskSAM", "checkpoint": None, "in_channels": 1, **LITE}
 MIB = 2**20
@@ -117,23 +116,23 @@ def test_cli_rebuilds_and_never_overwrites(trained_lite, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "--backbone lite_medsam" in printed and "--patch_size '[256,256,4]'" in printed
     assert set(torch.load(out, weights_only=True)) == set(MaskSAM(**LITE).state_dict())
-    assert main(["--pieces", str(tmp_path / "none"), "--output", str(tmp_path / "x.pt")]) == 1
-    assert f"no {MANIFEST} in" in capsys.readouterr().err
 
 
-def test_module_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "scripts.pretrained", "--pieces", str(tmp_path), "--output",
-                           str(tmp_path / "model.pt")], cwd=BUNDLE, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert proc.returncode == 1 and f"no {MANIFEST} in" in proc.stderr
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: the test imported it first
+def test_module_entry_point(tmp_path, monkeypatch, capsys):
+    """``python -m scripts.pretrained`` runs ``main`` and exits with its status (run in-process: no new interpreter)."""
+    argv = ["scripts.pretrained", "--pieces", str(tmp_path), "--output", str(tmp_path / "m.pt")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("scripts.pretrained", run_name="__main__")
+    assert exited.value.code == 1 and f"no {MANIFEST} in" in capsys.readouterr().err
 
 
 def test_random_frozen_backbones_cannot_be_rebuilt(tmp_path):
     torch.manual_seed(0)
-    tiny = dict(backbone="vit_t", num_classes=4, num_queries=4, num_slices=4, image_size=64, sam_upsample=1)
-    save_pieces(MaskSAM(**tiny), str(tmp_path), {"_target_": "scripts.network.MaskSAM", **tiny})
+    save_pieces(MaskSAM(**TINY_NET), str(tmp_path), {"_target_": "scripts.network.MaskSAM", **TINY_NET})
     assert json.loads((tmp_path / MANIFEST).read_text())["frozen_weights"] == "not restorable"
     with pytest.raises(ValueError, match="vit_t.*frozen weights are random"):
         rebuild_model(str(tmp_path), str(tmp_path / "model.pt"))
     with pytest.raises(FileExistsError, match="manifest.json exists"):
-        save_pieces(MaskSAM(**tiny), str(tmp_path), {"_target_": "scripts.network.MaskSAM", **tiny})
+        save_pieces(MaskSAM(**TINY_NET), str(tmp_path), {"_target_": "scripts.network.MaskSAM", **TINY_NET})

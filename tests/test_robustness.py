@@ -1,4 +1,4 @@
-"""Issue 7 (robustness) checks not covered by test_data.py / test_bundle.py: SIGKILL mid-epoch then resume
+"""Robustness checks not covered by test_data.py / test_bundle.py: SIGKILL mid-epoch then resume
 through the CLI, background-only volumes, determinism, checkpoint mismatches with the real network, failures
 mid-write, bad files in CLI folder inference, output folders checked before heavy work.
 
@@ -6,7 +6,6 @@ Everything uses the tiny preset (vit_t, 64x64x4) on small synthetic volumes writ
 and in-process runs use one thread: on the shared 2-core machine that is faster than two.
 """
 
-import json
 import math
 import os
 import re
@@ -21,41 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = REPO_ROOT / "masksam_bundle"
-TRAIN_CONFIGS = [str(BUNDLE / "configs" / "train.yaml"), str(BUNDLE / "configs" / "tiny.yaml")]
-TINY = "['configs/train.yaml','configs/tiny.yaml']"
-TINY_NET = dict(backbone="vit_t", num_classes=4, num_queries=4, num_slices=4, image_size=64, sam_upsample=1)
-AFFINE = np.diag([4.0, 4.0, 1.0, 1.0])  # the tiny preset's pixdim: no resampling, only padding
-
-
-def save(path, array, affine=AFFINE):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
-    return str(path)
-
-
-def make_dataset(root, num_train=2, num_val=1, shape=(40, 36, 3), background_only=False, seed=0):
-    """Blob labels (classes 1..3) or all-zero labels on noise; shapes smaller than the 64x64x4 patch."""
-    rng = np.random.default_rng(seed)
-    entries = []
-    for i in range(num_train + num_val):
-        label = np.zeros(shape, np.uint8)
-        if not background_only:
-            for k, (x, y) in enumerate([(8, 8), (20, 10), (12, 22)], start=1):
-                label[x:x + 8, y:y + 8, :] = k
-        image = (label * 0.5 + rng.normal(0, 0.2, shape)).astype(np.float32)
-        entries.append({"image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz"})
-        save(Path(root) / entries[-1]["image"], image)
-        save(Path(root) / entries[-1]["label"], label)
-    (Path(root) / "dataset.json").write_text(json.dumps({"training": entries[:num_train],
-                                                         "validation": entries[num_train:]}))
-    return Path(root)
-
-
-def cli_env():
-    return dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+from helpers import (BUNDLE, TINY, TINY_AFFINE, TINY_NET, TRAIN_CONFIGS, chain_error, cli, cli_env, make_dataset,
+                     parser_for, save)
 
 
 @pytest.fixture
@@ -68,24 +34,6 @@ def one_thread():
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)
     set_determinism(seed=None)
-
-
-def chain_error(excinfo, exc_type):
-    """The first ``exc_type`` in the exception chain (MONAI wraps errors of config expressions)."""
-    err = excinfo.value
-    while err is not None and not isinstance(err, exc_type):
-        err = err.__cause__ or err.__context__
-    assert err is not None, f"no {exc_type.__name__} in the chain of {excinfo.value!r}"
-    return str(err)
-
-
-def parser_for(configs, **overrides):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update({"bundle_root": str(BUNDLE), **overrides})
-    return parser
 
 
 def train_in_process(data, out, **overrides):
@@ -121,7 +69,7 @@ def test_sigkill_mid_epoch_then_resume_continues_and_finishes(tmp_path):
            "--iterations_per_epoch", "4", "--max_epochs", "1", "--save_interval_iters", "2", "--val_interval", "1"]
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=BUNDLE, stdout=log_file, stderr=subprocess.STDOUT, env=cli_env(),
+        proc = subprocess.Popen(cmd, cwd=BUNDLE, stdout=log_file, stderr=subprocess.STDOUT, env=cli_env(quiet=True),
                                 start_new_session=True)  # own process group: the kill reaches only this run
     marker = "checkpoint_last.pt (epoch 1, iteration 2)"
     deadline = time.monotonic() + 300
@@ -147,7 +95,7 @@ def test_sigkill_mid_epoch_then_resume_continues_and_finishes(tmp_path):
     assert [p.name for p in out.iterdir() if ".tmp" in p.name] == []  # no half-written checkpoint left
 
     proc2 = subprocess.run(cmd + ["--resume", "true"], cwd=BUNDLE, capture_output=True, text=True, timeout=400,
-                           env=cli_env())
+                           env=cli_env(quiet=True))
     log = proc2.stdout + proc2.stderr
     assert proc2.returncode == 0, log[-6000:]
     assert "resumed from" in log and "iteration 2, lr " in log
@@ -201,13 +149,13 @@ def test_background_only_trains_without_nan_and_predicts_background(tmp_path, on
     torch.save(parser.get_parsed_content("network").state_dict(), weights)
 
     images = tmp_path / "images"
-    save(images / "bg.nii.gz", np.random.default_rng(1).normal(0, 0.2, (40, 30, 2)).astype(np.float32))
+    save(images / "bg.nii.gz", np.random.default_rng(1).normal(0, 0.2, (40, 30, 2)).astype(np.float32), TINY_AFFINE)
     infer = parser_for([str(BUNDLE / "configs" / "inference.yaml"), str(BUNDLE / "configs" / "tiny.yaml")],
                        dataset_dir=str(images), output_dir=str(tmp_path / "pred"), ckpt_dir=str(weights.parent))
     infer.get_parsed_content("inference")
     pred = nib.load(tmp_path / "pred" / "bg_seg.nii.gz")
     assert pred.shape == (40, 30, 2)  # thinner and smaller in-plane than the patch: padded, cropped back
-    np.testing.assert_allclose(pred.affine, AFFINE)
+    np.testing.assert_allclose(pred.affine, TINY_AFFINE)
     assert np.unique(np.asarray(pred.dataobj)).tolist() == [0]
 
 
@@ -249,7 +197,7 @@ def test_checkpoint_of_another_k_or_backbone_names_the_mismatch(tmp_path):
         load_model_weights(net, str(tmp_path / "last.pt"), settings={"backbone": "vit_t", "num_classes": 4})
 
     # inference refuses before predicting anything
-    image = save(tmp_path / "in" / "x.nii.gz", np.zeros((8, 8, 4), np.float32))
+    image = save(tmp_path / "in" / "x.nii.gz", np.zeros((8, 8, 4), np.float32), TINY_AFFINE)
     predictor = Predictor(net, lambda d: d, None, None, [{"image": image}], str(tmp_path / "out"),
                           checkpoint=str(tmp_path / "k3.pt"))
     with pytest.raises(ValueError, match="k3.pt.*does not match"):
@@ -261,12 +209,13 @@ def test_checkpoint_of_another_k_or_backbone_names_the_mismatch(tmp_path):
 
 
 def test_failure_mid_write_keeps_previous_checkpoint_and_prediction(tmp_path, monkeypatch):
+    """A full disk or a Ctrl-C during a write leaves the previous file intact and no temporary beside it."""
     from scripts.inference import write_label_nifti
-    from scripts.io import atomic_torch_save
+    from scripts.io import atomic_torch_save, atomic_write
 
     ck = tmp_path / "ck" / "checkpoint_last.pt"
     atomic_torch_save({"iteration": torch.tensor(2)}, str(ck))
-    reference = save(tmp_path / "in" / "case.nii.gz", np.zeros((6, 5, 3), np.float32))
+    reference = save(tmp_path / "in" / "case.nii.gz", np.zeros((6, 5, 3), np.float32), TINY_AFFINE)
     pred = tmp_path / "pred" / "case_seg.nii.gz"
     write_label_nifti(np.full((6, 5, 3), 2), reference, str(pred))
 
@@ -282,6 +231,14 @@ def test_failure_mid_write_keeps_previous_checkpoint_and_prediction(tmp_path, mo
     with pytest.raises(OSError, match="No space left"):
         write_label_nifti(np.full((6, 5, 3), 1), reference, str(pred))
     monkeypatch.undo()
+
+    def interrupted(tmp):  # Ctrl-C halfway through any atomic write
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(ck), interrupted)
 
     assert int(torch.load(ck, weights_only=True)["iteration"]) == 2
     assert np.unique(np.asarray(nib.load(pred).dataobj)).tolist() == [2]
@@ -300,27 +257,26 @@ def test_cli_folder_inference_reports_bad_files_and_exits_non_zero(tmp_path):
     torch.save(MaskSAM(**TINY_NET).state_dict(), models / "model.pt")
     images = tmp_path / "images"
     rng = np.random.default_rng(0)
-    save(images / "a_thin.nii.gz", rng.normal(size=(40, 30, 2)).astype(np.float32))
-    save(images / "b_ok.nii.gz", rng.normal(size=(70, 66, 5)).astype(np.float32))
-    good = Path(save(tmp_path / "tmp.nii.gz", rng.normal(size=(20, 20, 4)).astype(np.float32))).read_bytes()
+    save(images / "a_thin.nii.gz", rng.normal(size=(40, 30, 2)).astype(np.float32), TINY_AFFINE)
+    save(images / "b_ok.nii.gz", rng.normal(size=(70, 66, 5)).astype(np.float32), TINY_AFFINE)
+    good = Path(save(tmp_path / "tmp.nii.gz", rng.normal(size=(20, 20, 4)).astype(np.float32), TINY_AFFINE)).read_bytes()
     (images / "c_truncated.nii.gz").write_bytes(good[: int(len(good) * 0.8)])  # header intact, data cut
-    save(images / "d_two_channels.nii.gz", rng.normal(size=(20, 20, 4, 2)).astype(np.float32))
-    save(images / "e_flat2d.nii.gz", rng.normal(size=(20, 20)).astype(np.float32))
+    save(images / "d_two_channels.nii.gz", rng.normal(size=(20, 20, 4, 2)).astype(np.float32), TINY_AFFINE)
+    save(images / "e_flat2d.nii.gz", rng.normal(size=(20, 20)).astype(np.float32), TINY_AFFINE)
     nan = rng.normal(size=(20, 20, 4)).astype(np.float32)
     nan[1, 2, 3] = np.inf
-    save(images / "f_inf.nii.gz", nan)
+    save(images / "f_inf.nii.gz", nan, TINY_AFFINE)
 
     out = tmp_path / "pred"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
-           "['configs/inference.yaml','configs/tiny.yaml']", "--dataset_dir", str(images),
-           "--output_dir", str(out), "--ckpt_dir", str(models)]
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=cli_env())
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0, log[-4000:]
+    code, stdout, stderr = cli("run", "inference", "--config_file", "['configs/inference.yaml','configs/tiny.yaml']",
+                               "--dataset_dir", images, "--output_dir", out, "--ckpt_dir", models, timeout=300,
+                               quiet=True)
+    log = stdout + stderr
+    assert code != 0, log[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["a_thin_seg.nii.gz", "b_ok_seg.nii.gz"]
     for name, shape in (("a_thin", (40, 30, 2)), ("b_ok", (70, 66, 5))):
         pred = nib.load(out / f"{name}_seg.nii.gz")
-        assert pred.shape == shape and np.allclose(pred.affine, AFFINE)
+        assert pred.shape == shape and np.allclose(pred.affine, TINY_AFFINE)
     summary = log[log.index("4 of 6 image(s) failed:"):]
     assert f"{images / 'c_truncated.nii.gz'}: ValueError: {images / 'c_truncated.nii.gz'}: cannot be read (EOFError" in summary
     assert "d_two_channels.nii.gz: has 2 channel(s), the network expects in_channels=1" in summary
@@ -333,8 +289,8 @@ def test_truncated_nifti_in_a_training_case_names_the_file(tmp_path):
 
     from scripts.transforms import deterministic_transforms
 
-    image = Path(save(tmp_path / "img.nii.gz", np.random.rand(30, 30, 6).astype(np.float32)))
-    label = save(tmp_path / "lab.nii.gz", np.zeros((30, 30, 6), np.uint8))
+    image = Path(save(tmp_path / "img.nii.gz", np.random.rand(30, 30, 6).astype(np.float32), TINY_AFFINE))
+    label = save(tmp_path / "lab.nii.gz", np.zeros((30, 30, 6), np.uint8), TINY_AFFINE)
     image.write_bytes(image.read_bytes()[:-200])  # the gzip stream ends early
     with pytest.raises(Exception) as err:
         Compose(deterministic_transforms(num_classes=4, patch_size=[8, 8, 4]))({"image": str(image), "label": label})

@@ -1,27 +1,22 @@
 """Test-time mirroring (scripts/tta.py) and its switch in the bundle configs."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
 from scripts.network import MaskSAM
 from scripts.cli import parse_flag
 from scripts.tta import MirrorEnsemble, MirroringSlidingWindowInferer, mirror_combinations
 
-BUNDLE = Path(__file__).resolve().parents[1] / "masksam_bundle"
-TINY = dict(backbone="vit_t", num_classes=4, num_queries=4, num_slices=4, image_size=64, sam_upsample=1)
+from helpers import TINY_NET, cli, parser_for
+
 
 
 @pytest.fixture(scope="module")
 def tiny_net():
     torch.manual_seed(0)
-    return MaskSAM(**TINY).eval()
+    return MaskSAM(**TINY_NET).eval()
 
 
 def test_mirror_combinations_cover_every_subset():
@@ -68,11 +63,7 @@ def test_bad_mirror_axes_are_refused():
 
 
 def _inferer(files, **overrides):
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / f) for f in files])
-    for k, v in overrides.items():
-        parser[k] = v
-    return parser.get_parsed_content("inferer" if files[0] == "inference.yaml" else "validate#inferer")
+    return parser_for(files, **overrides).get_parsed_content("inferer" if files[0] == "inference.yaml" else "validate#inferer")
 
 
 def test_configs_mirror_in_evaluation_and_inference_not_in_training_validation():
@@ -92,12 +83,11 @@ def test_configs_mirror_in_evaluation_and_inference_not_in_training_validation()
 def test_switch_through_the_bundle_cli(files, flag, expected):
     """``--tta_mirror false|true`` reaches the inferer as a bool (the CLI hands over the string "false")."""
     inferer = "inferer" if "inference" in files else "validate#inferer"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "show", "--config_file", files,
-           "--show", f"$print('tta_mirror =', @{inferer}.tta_mirror)"] + (["--tta_mirror", flag] if flag else [])
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"tta_mirror = {expected}" in proc.stdout
+    code, stdout, stderr = cli("run", "show", "--config_file", files,
+                               "--show", f"$print('tta_mirror =', @{inferer}.tta_mirror)",
+                               *(["--tta_mirror", flag] if flag else []), timeout=300, quiet=True)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert f"tta_mirror = {expected}" in stdout
 
 
 def test_unclear_switch_values_are_refused():
