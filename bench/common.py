@@ -20,6 +20,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import datetime
+import inspect
 import json
 import math
 import platform
@@ -161,19 +162,24 @@ def build_swinunetr(num_classes: int, in_channels: int = 1, tiny: bool = False):
 
 
 def build_masksam(backbone: str, preset: str, depth: Optional[int] = None, use_checkpoint: bool = False,
-                  checkpoint: Optional[str] = None):
+                  checkpoint: Optional[str] = None, fused_attention: bool = True):
+    """MaskSAM for a preset. Without ``checkpoint`` the frozen SAM weights are random: they time the same as the
+    official ones (the bench measures cost, not accuracy)."""
     from scripts import MaskSAM
 
     p = PRESETS[preset]
     up = p["sam_upsample"].get(backbone)
     if up is None:
         raise NotApplicable(f"{backbone} cannot take the {preset} patch {p['patch'][0]}x{p['patch'][1]}")
+    extra = {}
+    if checkpoint is None and "allow_random_sam" in inspect.signature(MaskSAM).parameters:
+        extra["allow_random_sam"] = True  # the bundle refuses a random vit_b/l/h for training unless asked
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "built without a SAM checkpoint": random frozen weights time the same
         return MaskSAM(
             backbone=backbone, checkpoint=checkpoint, in_channels=1, num_classes=p["num_classes"],
             num_queries=p["num_queries"], num_slices=depth or p["patch"][2], image_size=p["patch"][0],
-            sam_upsample=up, use_checkpoint=use_checkpoint,
+            sam_upsample=up, use_checkpoint=use_checkpoint, fused_attention=fused_attention, **extra,
         )
 
 
@@ -212,19 +218,23 @@ def sgd(model: torch.nn.Module, lr: float):
     return torch.optim.SGD(trainable_parameters(model), lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
 
-def amp_autocast(device, enabled: bool):
-    """Autocast as the benchmarks use it: fp16 on CUDA, bf16 on CPU."""
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                          enabled=enabled)
+def amp_autocast(device, enabled: bool, amp_dtype: str = "auto"):
+    """Autocast as the bundle uses it (``scripts.precision``): bf16 on CUDA where supported, else fp16; on CPU
+    (bench only — the bundle runs CPU in fp32) bf16."""
+    from scripts.precision import resolve_amp_dtype
+
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=resolve_amp_dtype(device, amp_dtype), enabled=enabled)
 
 
-def train_step(model, loss_fn, optimiser, scaler, image, label, amp: bool) -> torch.Tensor:
+def train_step(model, loss_fn, optimiser, scaler, image, label, amp: bool, amp_dtype: str = "auto") -> torch.Tensor:
     """One training step as the bundle trains: forward (autocast) + loss + backward + clipping at 12 + step.
 
-    The gradient scaler skips steps with non-finite gradients (bf16 autocast on CPU produced some).
+    The gradient scaler skips steps with non-finite gradients (bf16 autocast on CPU produced some); MONAI's
+    trainer keeps one under bf16 too.
     """
     optimiser.zero_grad(set_to_none=True)
-    with amp_autocast(image.device, amp):
+    with amp_autocast(image.device, amp, amp_dtype):
         out = model(image)
     loss = loss_fn(out, label)
     scaler.scale(loss).backward()
@@ -233,6 +243,48 @@ def train_step(model, loss_fn, optimiser, scaler, image, label, amp: bool) -> to
     scaler.step(optimiser)
     scaler.update()
     return loss.detach()
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+# Peak dense tensor-core TFLOPS (no sparsity) by GPU name, most specific first: NVIDIA data sheets.
+# "fp32" is the non-tensor-core peak; TF32 is used for float32 runs when matmuls may use it.
+GPU_PEAK_TFLOPS: List = [
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0}),  # SXM ("H100 80GB HBM3")
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+]
+
+
+def gpu_peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    """Dense peak TFLOPS of a GPU (by ``torch.cuda.get_device_name``) for ``bf16|fp16|tf32|fp32``; None if unknown."""
+    for key, peaks in GPU_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks[precision]
+    return None
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs ``fn`` executes, as ``torch.utils.flop_counter`` counts them (matmuls, convolutions, attention).
+
+    The CPU flash-attention kernels are not in PyTorch's table; they are counted like the CUDA ones.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    extra = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 # --------------------------------------------------------------------------------------------- data

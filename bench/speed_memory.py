@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -42,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (sets OMP_WAIT_POLICY before torch is imported)
     BASELINES, GIB, MASKSAM_BACKBONES, PRESETS, NotApplicable, PeakMemory, build_dynunet, build_masksam,
     build_swinunetr, cpu_model_name, deep_supervised_dice_ce, environment, masksam_loss, ratio, sgd,
-    amp_autocast, swin_patch, synthetic_pair, timed_runs, train_step, write_json,
+    amp_autocast, count_flops, swin_patch, synthetic_pair, timed_runs, train_step, write_json,
 )
 
 import torch  # noqa: E402
 
-PHASES = ("infer", "train", "volume")
+PHASES = ("infer", "train", "volume")  # "flops" (FLOPs of one train step and one eval forward) on request
 
 # Default CPU plan: (preset, model, depth or None for the preset depth, phases), in priority order — the
 # budget runs out at the end of the list first. Depth-reduced MaskSAM jobs are scaled and flagged.
@@ -70,9 +71,35 @@ PLANS: Dict[str, List] = {
         ("synapse", "vit_b", 2, ("infer", "train")),
         ("amos", "swinunetr", None, ("infer", "train")),
     ],
+    # Eval forward of one ACDC patch (batch 1), the code before against the fused switch, DynUNet as reference.
+    "acdc_inference": [
+        ("acdc", "vit_b", None, ("infer",), dict(label="vit_b explicit infer", batch=1, fused_attention=False)),
+        ("acdc", "vit_b", None, ("infer",), dict(label="vit_b fused infer", batch=1)),
+        ("acdc", "dynunet", None, ("infer",), dict(label="dynunet b1", batch=1)),
+    ],
     "gpu": [(p, m, None, PHASES) for p in ("acdc", "synapse", "amos")
             for m in ("dynunet", "swinunetr", "lite_medsam", "vit_b", "vit_h")],
     "tiny": [("tiny", m, None, PHASES) for m in ("dynunet", "swinunetr", "vit_t")],
+    # Issue 13 before/after on CPU: the ACDC preset (vit_b, 256x256x4 x4 to 1024) with SAM's explicit attention
+    # (the code before, `fused_attention: false`) and with the fused attention, batch 1 and 2, against DynUNet.
+    # A vit_b step takes minutes on 2 shared cores: run with --warmup 0 --repeats 1 (one timed run each) and a
+    # --budget; jobs past it are listed as skipped.
+    "acdc_attention": [
+        ("acdc", "dynunet", None, ("infer", "train"), dict(label="dynunet b1", batch=1, warmup=1, repeats=3)),
+        ("acdc", "vit_b", None, ("infer", "train"),
+         dict(label="vit_b explicit b1 ckpt", batch=1, use_checkpoint=True, fused_attention=False)),
+        ("acdc", "vit_b", None, ("infer", "train"), dict(label="vit_b fused b1", batch=1)),
+        ("acdc", "vit_b", None, ("train",), dict(label="vit_b fused b2 ckpt", batch=2, use_checkpoint=True)),
+        ("acdc", "vit_b", None, ("train",), dict(label="vit_b fused b1 ckpt", batch=1, use_checkpoint=True)),
+        ("acdc", "vit_b", None, ("train",),
+         dict(label="vit_b explicit b2 ckpt", batch=2, use_checkpoint=True, fused_attention=False,
+              not_run="known to exceed 20 GB: OOM-killed at 22.1 GB on the 24 GB machine (issue 13)")),
+        ("acdc", "vit_b", None, ("train",),
+         dict(label="vit_b explicit b1", batch=1, fused_attention=False,
+              not_run="> 20 GB expected (the b1 checkpointed step already peaks near 16 GB; without "
+                      "checkpointing all 12 blocks keep their activations and the 4 global blocks their "
+                      "4096 x 4096 probabilities, 0.8 GB per slice and block)")),
+    ],
 }
 METRICS = ("infer_patch_s", "train_step_s", "infer_volume_s", "peak_infer_gib", "peak_train_gib",
            "peak_volume_gib")
@@ -109,12 +136,19 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
     k = preset["num_classes"]
     tiny = preset.get("tiny", False)
     amp = bool(job.get("amp", False))
+    amp_dtype = job.get("amp_dtype") or "auto"
     res: Dict = {
         "preset": job["preset"], "model": model_name, "device": str(device), "batch": batch,
         "preset_depth": full_depth, "measured_depth": depth, "amp": amp,
         "use_checkpoint": bool(job.get("use_checkpoint", False)), "phases": list(job["phases"]),
-        "status": "running",
+        "fused_attention": bool(job.get("fused_attention", True)), "status": "running",
     }
+    if amp:
+        from scripts.precision import resolve_amp_dtype
+
+        res["amp_dtype"] = str(resolve_amp_dtype(device, amp_dtype)).replace("torch.", "")
+    if job.get("label"):
+        res["label"] = job["label"]
 
     def save() -> None:
         write_json(partial_path, res)
@@ -131,7 +165,8 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
             res["config"] = {"feature_size": 12 if tiny else 48, "padded_patch": roi}
             loss_fn = deep_supervised_dice_ce(k)
         elif model_name in MASKSAM_BACKBONES:
-            model = build_masksam(model_name, job["preset"], depth, use_checkpoint=res["use_checkpoint"])
+            model = build_masksam(model_name, job["preset"], depth, use_checkpoint=res["use_checkpoint"],
+                                  fused_attention=res["fused_attention"])
             res["config"] = {"num_queries": preset["num_queries"], "num_classes": k,
                              "sam_upsample": preset["sam_upsample"][model_name], "sam_size": model.sam_size}
             loss_fn, roi = masksam_loss(k), list(patch)
@@ -154,7 +189,7 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
     save()
 
     def autocast():
-        return amp_autocast(device, amp)
+        return amp_autocast(device, amp, amp_dtype)
 
     for phase in job["phases"]:
         if time.perf_counter() > deadline:
@@ -179,12 +214,27 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
             scaler = torch.amp.GradScaler(device.type, enabled=amp)  # skips steps with non-finite grads
 
             def step():
-                train_step(model, loss_fn, optimiser, scaler, image, label, amp)
+                train_step(model, loss_fn, optimiser, scaler, image, label, amp, amp_dtype)
 
             with PeakMemory(device) as mem:
                 t = timed_runs(step, device, warmup, repeats, deadline, f"{tag} train step", log)
             res.update(train_step_s=t["median_s"], train_step_runs=t["runs"], train_step_all_s=t["all_s"],
                        peak_train_gib=mem.gib)
+            del optimiser
+        elif phase == "flops":
+            # Executed FLOPs (torch.utils.flop_counter): checkpointed blocks count their recomputation too.
+            model.train()
+            optimiser = sgd(model, 1e-3)
+            scaler = torch.amp.GradScaler(device.type, enabled=amp)
+            res["train_step_flops"] = count_flops(
+                lambda: train_step(model, loss_fn, optimiser, scaler, image, label, amp, amp_dtype))
+            model.eval()
+
+            def forward():
+                with torch.no_grad(), autocast():
+                    model(image)
+
+            res["infer_patch_flops"] = count_flops(forward)
             del optimiser
         elif phase == "volume":
             model.eval()
@@ -205,6 +255,7 @@ def measure(job: Dict, partial_path: Optional[str] = None) -> Dict:
         save()
     res.pop("current_phase", None)
     res["status"] = "ok"
+    res["max_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
     save()
     return res
 
@@ -307,21 +358,56 @@ def memory_fallback(res: Dict, job: Dict) -> Optional[Dict]:
 
 
 def result_key(r: Dict) -> str:
-    key = f"{r['preset']}/{r['model']}"
+    key = f"{r['preset']}/{r.get('label') or r['model']}"
     return key + (f"@d={r['measured_depth']}" if r.get("estimate") else "")
 
 
 def ratios_to_dynunet(results: List[Dict]) -> Dict:
     table: Dict = {}
     for preset in dict.fromkeys(r["preset"] for r in results):
-        ref = next((r for r in results if r["preset"] == preset and r["model"] == "dynunet"), None)
-        if ref is None:
+        refs = [r for r in results if r["preset"] == preset and r["model"] == "dynunet"]
+        if not refs:
             continue
         for r in results:
             if r["preset"] != preset or r["model"] == "dynunet":
                 continue
+            ref = next((d for d in refs if d.get("batch") == r.get("batch")), refs[0])  # same batch when measured
             table[result_key(r)] = {m: ratio(r.get(m), ref.get(m)) for m in METRICS}
     return table
+
+
+FIGURES_SCHEMA = {
+    "backbone": "model: vit_b, lite_medsam, ... or dynunet (the reference)",
+    "preset": "bench preset (common.PRESETS); patch = [H, W, D] of one training/inference patch",
+    "batch": "patches per training step",
+    "amp": "autocast on (CUDA: bf16 where supported, else fp16)",
+    "checkpointing": "activation checkpointing of the image-encoder blocks (use_checkpoint)",
+    "fused": "fused SDPA attention in the ViT encoder (fused_attention); false = SAM's explicit attention",
+    "peak_rss_gb": "peak resident memory of the training phase, GiB (2**30 bytes), whole process incl. weights "
+                   "and interpreter (CPU); CUDA max allocated on GPU",
+    "step_s": "median seconds of one training step (forward, loss, backward, clip, SGD)",
+    "infer_patch_s": "median seconds of one eval forward of one patch (batch 1), when measured",
+    "peak_infer_rss_gb": "peak resident memory of the inference phase, GiB",
+    "status": "ok | not run | partial | stopped | error | skipped; reason says why",
+    "estimate": "true when a figure is scaled from a smaller depth (speed_memory.finalise)",
+}
+
+
+def compact_figures(output: Dict, source: Optional[str]) -> Dict:
+    """One flat record per configuration (schema :data:`FIGURES_SCHEMA`), for the memory estimator."""
+    records = []
+    for r in output["results"]:
+        records.append({
+            "backbone": r["model"], "preset": r["preset"], "label": r.get("label"),
+            "patch": r.get("patch") or list(PRESETS[r["preset"]]["patch"]), "batch": r.get("batch"),
+            "amp": bool(r.get("amp")), "checkpointing": bool(r.get("use_checkpoint")),
+            "fused": bool(r.get("fused_attention", True)) if r["model"] in MASKSAM_BACKBONES else None,
+            "peak_rss_gb": r.get("peak_train_gib"), "step_s": r.get("train_step_s"),
+            "infer_patch_s": r.get("infer_patch_s"), "peak_infer_rss_gb": r.get("peak_infer_gib"),
+            "status": r.get("status"), "reason": r.get("reason"), "estimate": bool(r.get("estimate")),
+        })
+    return {"schema": FIGURES_SCHEMA, "device": output["args"].get("device"), "environment": output["environment"],
+            "source": source, "figures": records}
 
 
 def fmt(v, digits=2) -> str:
@@ -361,11 +447,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     ap.add_argument("--use-checkpoint", action="store_true", help="MaskSAM activation checkpointing")
+    ap.add_argument("--explicit-attention", action="store_true",
+                    help="MaskSAM with SAM's explicit attention (fused_attention: false), the code before issue 13")
     ap.add_argument("--budget", type=float, default=1800, help="seconds for the whole run; later jobs are skipped")
     ap.add_argument("--job-seconds", type=float, default=420, help="time allowance of one job")
     ap.add_argument("--max-rss-gib", type=float, help="stop a job whose RSS passes this (default 80%% of free RAM)")
     ap.add_argument("--inprocess", action="store_true", help="no subprocess per job (smoke tests)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--figures-json", help="also write one compact record per configuration here (memory estimator)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -386,15 +475,23 @@ def main(argv=None) -> int:
     results: List[Dict] = []
     t0 = time.monotonic()
     output = {"environment": env, "args": vars(args), "results": results}
-    for preset, model, depth, phases in jobs:
+    for preset, model, depth, phases, *options in jobs:
+        options = dict(options[0]) if options else {}  # per-job overrides of the command-line settings
         left = args.budget - (time.monotonic() - t0)
-        if left < 30:
-            results.append({"preset": preset, "model": model, "status": "skipped", "reason": "run budget used up"})
-            continue
         job = dict(preset=preset, model=model, depth=depth, phases=list(phases), device=args.device,
                    batch=args.batch, warmup=args.warmup, repeats=args.repeats, amp=args.amp,
-                   use_checkpoint=args.use_checkpoint, seconds=min(args.job_seconds, left))
-        log(f"\n== {preset}/{model} depth={depth or 'preset'} phases={','.join(phases)} "
+                   use_checkpoint=args.use_checkpoint, fused_attention=not args.explicit_attention,
+                   seconds=min(args.job_seconds, left))
+        job.update(options)
+        if job.get("not_run") or left < 30:
+            reason = job.get("not_run") or "run budget used up"
+            results.append({"preset": preset, "model": model, "label": job.get("label"), "batch": job["batch"],
+                            "use_checkpoint": job["use_checkpoint"], "amp": job["amp"],
+                            "fused_attention": job["fused_attention"], "status": "not run" if job.get("not_run")
+                            else "skipped", "reason": reason})
+            log(f"\n== {job.get('label') or preset + '/' + model}: not run ({reason})")
+            continue
+        log(f"\n== {job.get('label') or preset + '/' + model} depth={depth or 'preset'} phases={','.join(phases)} "
             f"(allowance {job['seconds']:.0f} s, {left:.0f} s of budget left)")
         res = measure(job) if args.inprocess else run_subprocess(job, max_rss)
         results.append(finalise(res))
@@ -411,6 +508,8 @@ def main(argv=None) -> int:
     output["ratios_to_dynunet"] = ratios_to_dynunet(results)
     output["elapsed_s"] = round(time.monotonic() - t0, 1)
     write_json(args.json, output)
+    if args.figures_json:
+        write_json(args.figures_json, compact_figures(output, args.json))
     print_table(results, output["ratios_to_dynunet"])
     return 0
 

@@ -13,6 +13,10 @@ Models (``GET /info/`` lists them):
 Errors reach the client (:meth:`MyApp.infer`): an unknown image or model -> 404, a bad parameter or label file
 -> 400 whose body names it, anything else -> 500 with the error's message (never a bare 500).
 
+The network is built from ``configs/inference.yaml``, which reads the settings recorded beside the weights
+(``models/model.json``: backbone, classes, N, patch, ...), so any model the bundle trained works unchanged; the
+label names the app announces come from that file too (``trained_labels``), else from ``metadata.json``.
+
 The bundle is found, in this order: ``--conf bundle_path DIR``; ``<app>/model/<name>`` where ``name`` is
 ``--conf models`` (default ``masksam_bundle``; the monaibundle sample app's convention); the repository's own
 ``masksam_bundle/`` beside this folder. Nothing is downloaded: no zoo lookup, no SAM2 (``--conf sam2 true``
@@ -23,7 +27,7 @@ would add MONAI Label's SAM2 tasks, which download weights). Start it with
 import json
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import monailabel
 import numpy as np
@@ -48,8 +52,9 @@ REQUIRED = ("configs/inference.yaml", "configs/metadata.json")
 MODEL = "models/model.pt"
 NO_MODEL = (
     "automatic segmentation ('masksam') needs a trained models/model.pt in the bundle, and there is none: train one "
-    "with `python -m monai.bundle run training --config_file configs/train.yaml` in masksam_bundle/ (it writes "
-    "models/model.pt), or copy a trained MaskSAM state dict there, then restart the server. The interactive "
+    "with `python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/acdc.yaml']\" "
+    "--sam_checkpoint SAM.pth` in masksam_bundle/ (it writes models/model.pt and model.json), or copy a model the "
+    "bundle trained there, then restart the server. The interactive "
     "assist ('masksam_interactive': a box and/or clicks per structure) works now, zero-shot with LiteMedSAM."
 )
 
@@ -81,7 +86,17 @@ def bundle_labels(bundle_path: str):
 
 
 class MaskSAMAutoTask(BundleInferTask):
-    """The bundle's whole-volume segmentation; label files are written as uint8 (as every task of this app)."""
+    """The bundle's whole-volume segmentation; label files are written as uint8 (as every task of this app).
+
+    Test-time mirroring (8 network passes per window, nnU-Net's default in the bundle's evaluation and
+    inference) is off here unless ``--conf tta_mirror true``: an annotator waits for this answer, and the
+    interactive task corrects what the plain pass gets wrong.
+    """
+
+    def __init__(self, path: str, conf: Dict[str, str], **kwargs):
+        super().__init__(path, conf, **kwargs)
+        if self.is_valid():
+            self.bundle_config["tta_mirror"] = strtobool(conf.get("tta_mirror", "false"))
 
     def writer(self, data, extension=None, dtype=None):
         return super().writer(data, extension=extension, dtype=dtype or np.uint8)
@@ -104,6 +119,17 @@ def _install_json_error_handler() -> None:
     fastapi_app.middleware_stack = None
 
 
+def trained_labels(bundle_path: str) -> Optional[Dict[str, int]]:
+    """``{name: index}`` of the foreground classes recorded in ``models/model.json`` (written by the bundle's
+    training beside ``model.pt``), or ``None`` when there is no such file."""
+    path = os.path.join(bundle_path, "models", "model.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        names = (json.load(f).get("settings") or {}).get("class_names")
+    return {str(n).lower(): i for i, n in enumerate(names) if i > 0} if names else None
+
+
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.bundle_path = resolve_bundle(app_dir, conf)
@@ -120,10 +146,15 @@ class MyApp(MONAILabelApp):
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}
         labels, num_classes = bundle_labels(self.bundle_path)
+        trained = trained_labels(self.bundle_path)  # the trained model's classes, not metadata.json's ACDC names
+        if trained:
+            labels, num_classes = trained, len(trained) + 1
         if self.has_model:
             auto = MaskSAMAutoTask(self.bundle_path, self.conf, type="segmentation", load_strict=True)
             if not auto.is_valid():
                 raise RuntimeError(f"MONAI Label could not load the MaskSAM bundle {self.bundle_path} for {AUTO!r}")
+            if trained:
+                auto.labels = trained
             infers[AUTO] = auto
         infers[INTERACTIVE] = MaskSAMInteractiveTask(self.bundle_path, self.conf, labels, num_classes)
         for name, task in infers.items():

@@ -21,14 +21,14 @@ TINY = "['configs/train.yaml','configs/tiny.yaml']"
 TINY_SETTINGS = dict(backbone="vit_t", num_classes=4, num_queries=4, num_slices=4, image_size=64, sam_upsample=1)
 
 
-def bundle_cli(*args, cwd=BUNDLE, timeout=600, expect_ok=True, launcher=None):
+def bundle_cli(*args, cwd=BUNDLE, timeout=600, expect_ok=True, launcher=None, stdout_only=False):
     cmd = (launcher or [sys.executable, "-m"]) + ["monai.bundle", *[str(a) for a in args]]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     log = proc.stdout + proc.stderr
     if expect_ok:
         assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(cmd)}\n{log[-6000:]}"
-    return proc.returncode, log
+    return proc.returncode, proc.stdout if stdout_only else log
 
 
 def loss_term_names():
@@ -67,6 +67,10 @@ def test_training_writes_checkpoints_and_logs_every_loss_term(trained):
     assert ck["trainer"]["iteration"] == 2 and ck["trainer"]["epoch"] == 1
     assert ck["lr_scheduler"]["last_epoch"] == 2  # poly LR stepped per iteration
     assert ck["settings"]["backbone"] == "vit_t" and ck["settings"]["num_classes"] == 4
+    record = json.loads((trained["models"] / "model.json").read_text())  # the settings beside model.pt
+    assert record["selected"].startswith("best val_mean_dice ") and record["epoch"] == 1
+    assert record["settings"]["backbone"] == "vit_t" and record["settings"]["patch_size"] == [64, 64, 4]
+    assert "holds the best validated weights" in trained["log"]
 
     log = trained["log"]
     lines = [line for line in log.splitlines() if "masksam.train" in line and "(global " in line]
@@ -171,11 +175,12 @@ def test_verify_net_in_out(tmp_path):
 
 @pytest.mark.slow
 def test_demo_main_job_runs_end_to_end(tmp_path):
-    """The README's main job (synthetic data, LiteMedSAM backbone), shortened to one iteration and 3 volumes."""
+    """The README's main job (synthetic data, LiteMedSAM backbone), shortened to one iteration and 3 volumes;
+    its last line is a command that evaluates the model it trained, and that command works."""
     out = tmp_path / "demo"
     _, log = bundle_cli("run", "demo", "--config_file", "['configs/train.yaml','configs/demo.yaml']",
                         "--output_dir", out, "--iterations_per_epoch", 1, "--demo_num_cases", 3,
-                        "--demo_num_val", 1)
+                        "--demo_num_val", 1, stdout_only=True)
     assert (out / "models" / "model.pt").is_file() and (out / "checkpoint_last.pt").is_file()
     preds = sorted((out / "predictions").glob("*_seg.nii.gz"))
     assert [p.name for p in preds] == ["synth_002_seg.nii.gz"]
@@ -185,4 +190,21 @@ def test_demo_main_job_runs_end_to_end(tmp_path):
     assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 3}
     summary = json.loads((out / "demo_dice.json").read_text())
     assert set(summary["mean_per_class"]) == {"structure_1", "structure_2", "structure_3"}
-    assert "lite_medsam" in log or "LiteMedSAM" in log or "demo outputs in" in log
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert summary["mean_dice"] == pytest.approx(metrics["mean"]["dice"], nan_ok=True)  # one Dice definition
+    assert summary["validation_during_training"]["val_mean_dice"] is not None
+    assert [p.name for p in (out / "evaluation" / "overlays").glob("*.png")] != []
+    assert (out / "models" / "model.json").is_file()
+
+    lines = [line for line in log.splitlines() if line.strip()]  # stdout: the demo's last printed lines
+    infer_cmd, eval_cmd = lines[-2].split(), lines[-1].split()
+    assert infer_cmd[1:5] == ["-m", "monai.bundle", "run", "inference"] and "--ckpt_dir" in infer_cmd
+    assert eval_cmd[1:5] == ["-m", "monai.bundle", "run", "evaluating"] and "--ckpt_dir" in eval_cmd
+    assert "Use the model it just trained" in lines[-3]
+    # the printed evaluation command, as printed (one volume, the demo's own model and settings)
+    import shlex
+
+    _, eval_log = bundle_cli(*shlex.split(lines[-1])[3:])
+    evaluated = json.loads((out / "my_evaluation" / "metrics.json").read_text())
+    assert evaluated["backbone"] == "lite_medsam" and evaluated["num_cases"] == 1
+    assert evaluated["mean"]["dice"] == pytest.approx(metrics["mean"]["dice"], abs=0.01, nan_ok=True)

@@ -37,15 +37,18 @@ def random_prediction(batch, depth, queries, num_classes, height, width, generat
     def leaf(tensor):
         return tensor.requires_grad_(requires_grad)
 
-    corners = torch.rand(batch, depth, queries, 2, 2, generator=generator).sort(dim=-2).values  # x1<x2, y1<y2
-    boxes = torch.stack([corners[..., 0, 0], corners[..., 0, 1], corners[..., 1, 0], corners[..., 1, 1]], -1)
+    def random_boxes():
+        corners = torch.rand(batch, depth, queries, 2, 2, generator=generator).sort(dim=-2).values  # x1<x2, y1<y2
+        return torch.stack([corners[..., 0, 0], corners[..., 0, 1], corners[..., 1, 0], corners[..., 1, 1]], -1)
+
     return {
         "pred_logits": leaf(torch.randn(batch, depth, queries, num_classes + 1, generator=generator)),
         "pred_masks": leaf(torch.randn(batch, depth, queries, height, width, generator=generator)),
         "aux_masks": [
             leaf(torch.randn(batch, depth, queries, height // s, width // s, generator=generator)) for s in AUX_STRIDES
         ],
-        "aux_boxes": leaf(boxes),
+        "aux_boxes": leaf(random_boxes()),
+        "prompt_boxes": leaf(random_boxes()),
     }
 
 
@@ -79,6 +82,7 @@ def perfect_prediction(label, queries, num_classes, generator, confidence=20.0):
         "pred_masks": unfold(masks),
         "aux_masks": [unfold(level) for level in aux],
         "aux_boxes": unfold(boxes),
+        "prompt_boxes": unfold(boxes),
     }
 
 
@@ -88,6 +92,7 @@ def permute_queries(pred, order):
         "pred_masks": pred["pred_masks"][:, :, order],
         "aux_masks": [level[:, :, order] for level in pred["aux_masks"]],
         "aux_boxes": pred["aux_boxes"][:, :, order],
+        "prompt_boxes": pred["prompt_boxes"][:, :, order],
     }
 
 
@@ -132,7 +137,7 @@ def test_matcher_cost_and_assignment_match_brute_force(seed):
         pred["pred_logits"].flatten(0, 1),
         pred["pred_masks"].flatten(0, 1),
         pred["aux_masks"][0].flatten(0, 1),
-        pred["aux_boxes"].flatten(0, 1),
+        pred["prompt_boxes"].flatten(0, 1),
     )
     targets = batch_targets(label, num_classes)
     pixels = torch.randint(size * size, (batch * depth, 50), generator=gen)
@@ -223,13 +228,14 @@ def test_gradients_reach_every_prediction(deep_supervision):
     loss = MaskSAMLoss(3, num_points=64, deep_supervision=deep_supervision, seed=0)(pred, label)
     loss.backward()
 
-    supervised = [pred["pred_logits"], pred["pred_masks"], pred["aux_boxes"], pred["aux_masks"][0]]
+    supervised = [pred["pred_logits"], pred["pred_masks"], pred["prompt_boxes"], pred["aux_masks"][0]]
     if deep_supervision:
         supervised += pred["aux_masks"][1:]
     for tensor in supervised:
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0 and torch.isfinite(tensor.grad).all()
     if not deep_supervision:
         assert all(level.grad is None for level in pred["aux_masks"][1:])
+    assert pred["aux_boxes"].grad is None  # box_loss_on="prompt" (default) supervises the box prompt
 
 
 def test_deep_supervision_weights_split_the_aux_term():
@@ -259,6 +265,7 @@ def test_metatensor_float_label_and_autocast_give_float32_loss():
         "pred_masks": pred["pred_masks"].bfloat16(),
         "aux_masks": [level.bfloat16() for level in pred["aux_masks"]],
         "aux_boxes": pred["aux_boxes"].bfloat16(),
+        "prompt_boxes": pred["prompt_boxes"].bfloat16(),
     }
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = MaskSAMLoss(3, num_points=64, seed=0)(half_pred, noisy)
@@ -277,6 +284,117 @@ def test_label_value_outside_classes_is_a_clear_error(bad_value):
         MaskSAMLoss(4)(pred, label)
     with pytest.raises(ValueError, match=rf"\[{shown}\].*K=4"):
         LabelToMaskSetd("label", num_classes=4)({"label": label[0]})
+
+
+def test_ce_is_the_class_weighted_mean_over_queries():
+    """Mask2Former / the release: F.cross_entropy with class weights (no object 0.1), reduction mean, i.e.
+    sum_q w_q CE_q / sum_q w_q over every query — not divided by the number of targets."""
+    gen = torch.Generator().manual_seed(8)
+    batch, depth, queries, num_classes, size = 1, 2, 6, 4, 16
+    label = blocky_label(batch, depth, size, size, num_classes, gen)
+    pred = perfect_prediction(label, queries, num_classes, gen)
+    # Perfect masks and boxes fix the matching; the class logits are random.
+    matched_class = pred["pred_logits"].argmax(-1)  # (B, D, N): the target class, K = no object
+    pred["pred_logits"] = torch.randn(pred["pred_logits"].shape, generator=gen)
+    loss_fn = MaskSAMLoss(num_classes, num_points=256, seed=0)
+    loss_fn(pred, label)
+
+    logits, target = pred["pred_logits"].reshape(-1, num_classes + 1), matched_class.reshape(-1)
+    per_query = F.cross_entropy(logits, target, reduction="none")
+    weight = torch.where(target == num_classes, 0.1, 1.0)
+    expected = (weight * per_query).sum() / weight.sum()
+    assert loss_fn.last_terms["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    num_targets = int((target < num_classes).sum())
+    per_target = (weight * per_query).sum() / num_targets  # the earlier normalisation differs
+    assert abs(per_target.item() - expected.item()) > 0.05
+
+
+def test_num_points_reaches_matcher_and_every_mask_term(monkeypatch):
+    import scripts.loss.criterion as criterion
+
+    sampled = []
+    original = criterion.uncertain_pixels
+
+    def recording(logit_maps, rows, num_points, *args, **kwargs):
+        sampled.append(num_points)
+        return original(logit_maps, rows, num_points, *args, **kwargs)
+
+    monkeypatch.setattr(criterion, "uncertain_pixels", recording)
+    gen = torch.Generator().manual_seed(9)
+    label = blocky_label(1, 2, 16, 16, 3, gen)
+    loss_fn = MaskSAMLoss(3, num_points=321, seed=0)
+    loss_fn(random_prediction(1, 2, 4, 3, 16, 16, gen), label)
+    assert loss_fn.matcher.num_points == 321
+    assert sampled == [321] * 4  # final masks + 3 deep-supervision levels
+    assert MaskSAMLoss(3).num_points == 112 * 112  # Mask2Former's default
+    with pytest.raises(ValueError, match="num_points"):
+        MaskSAMLoss(3, num_points=0)
+
+
+def test_box_loss_on_switch_chooses_the_supervised_box():
+    gen = torch.Generator().manual_seed(10)
+    label = blocky_label(1, 2, 16, 16, 3, gen)
+    pred = perfect_prediction(label, 5, 3, gen)  # aux (learnable) boxes exact
+    pred["prompt_boxes"] = (pred["aux_boxes"] * 0.8).requires_grad_(True)  # the prompt is off by 20 %
+    pred["aux_boxes"].requires_grad_(True)
+
+    def box_terms(box_loss_on):
+        loss_fn = MaskSAMLoss(3, num_points=256, seed=0, box_loss_on=box_loss_on)
+        loss_fn(pred, label).backward()
+        return loss_fn.last_terms["loss_box_l1"].item(), loss_fn.last_terms["loss_box_giou"].item()
+
+    assert max(box_terms("learnable")) < 1e-6
+    assert pred["prompt_boxes"].grad is None and pred["aux_boxes"].grad is not None
+    l1, giou = box_terms("prompt")  # default: the release supervises the box prompt (MaskAvgBBox)
+    assert l1 > 0.05 and giou > 0.05
+    assert pred["prompt_boxes"].grad.abs().sum() > 0
+    assert MaskSAMLoss(3).box_key == "prompt_boxes"
+    with pytest.raises(ValueError, match="box_loss_on"):
+        MaskSAMLoss(3, box_loss_on="average")
+    without = {k: v for k, v in pred.items() if k != "prompt_boxes"}
+    with pytest.raises(ValueError, match="'prompt_boxes', which is missing"):
+        MaskSAMLoss(3)(without, label)
+
+
+class _TwoRankWorld:
+    """Stands in for an initialised 2-process group whose other rank holds ``other_count`` targets (the real
+    gloo all_reduce runs in tests/test_bundle.py's multi-GPU training test)."""
+
+    def __init__(self, other_count):
+        self.other_count, self.reduced = other_count, []
+
+    def all_reduce(self, tensor):
+        self.reduced.append(tensor.item())
+        tensor += self.other_count
+
+
+def test_target_count_is_averaged_over_ddp_ranks(monkeypatch):
+    """Mask and box terms are divided by the target count summed over ranks / world size, at least 1
+    (Mask2Former's num_masks); CE, a mean over queries, does not depend on it."""
+    import scripts.loss.criterion as criterion
+    from scripts.loss.criterion import mean_target_count
+
+    gen = torch.Generator().manual_seed(20)
+    label = blocky_label(1, 2, 16, 16, 3, gen)
+    pred = random_prediction(1, 2, 5, 3, 16, 16, gen)
+    single = MaskSAMLoss(3, num_points=64, seed=0)
+    single(pred, label)  # one process: divided by its own count
+    own_count = int(batch_targets(label, 3).counts.sum())
+    assert mean_target_count(0, torch.device("cpu")) == 1.0
+
+    world = _TwoRankWorld(other_count=3 * own_count)
+    monkeypatch.setattr(criterion.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(criterion.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(criterion.dist, "all_reduce", world.all_reduce)
+    two_ranks = MaskSAMLoss(3, num_points=64, seed=0)
+    two_ranks(pred, label)
+    assert world.reduced == [own_count]  # this rank's count entered the sum
+    rescale = own_count / ((own_count + 3 * own_count) / 2)  # = 1/2
+    for name in TERM_NAMES:
+        expected = single.last_terms[name].item() * (1.0 if name == "loss_ce" else rescale)
+        assert two_ranks.last_terms[name].item() == pytest.approx(expected, rel=1e-5, abs=1e-7), name
+    world.other_count = 0
+    assert mean_target_count(1, torch.device("cpu")) == 1.0  # (1 + 0) / 2 clamped to 1
 
 
 # ---------------------------------------------------------------- memory (Synapse-sized)

@@ -1,4 +1,4 @@
-"""MaskSAM network: shapes, checkpoints, identity start, depth-only mixing, frozen SAM, learning signal."""
+"""MaskSAM network: shapes, checkpoints, identity start, un-windowed 3D depth convolution, frozen SAM, learning."""
 
 import warnings
 
@@ -8,11 +8,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scripts import MaskSAM
-from scripts.adapters import DConvAdapter, DMLPAdapter
-from scripts.backbones import CheckpointMismatchError, build_sam_parts, lite_medsam_checkpoint_path, read_state_dict
+from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+from scripts.adapters import IMAGE_ADAPTERS, PROMPT_ADAPTERS, image_adapter, prompt_adapter
+from scripts.backbones import (
+    CheckpointMismatchError,
+    build_sam_parts,
+    lite_medsam_checkpoint_path,
+    read_state_dict,
+    require_sam_checkpoint,
+)
 from scripts.box_ops import masks_to_boxes
 from scripts.image_encoder import AdaptedTinyViTEncoder, AdaptedViTBlock, AdaptedViTEncoder
-from scripts.prompt_generator import mask_avg_box_prompt
+from scripts.prompt_generator import mask_avg_box, mask_avg_box_prompt, mask_box_prompt
 
 K = 4
 
@@ -36,10 +44,11 @@ def test_vit_t_train_and_eval_outputs(image_size, num_slices):
         "pred_masks": (b, d, n, h, h),
         "aux_masks": [(b, d, n, h, h), (b, d, n, h // 2, h // 2), (b, d, n, h // 4, h // 4)],
         "aux_boxes": (b, d, n, 4),
+        "prompt_boxes": (b, d, n, 4),
     }
-    boxes = out["aux_boxes"]
-    assert boxes.min() >= 0 and boxes.max() <= 1
-    assert torch.all(boxes[..., 2] >= boxes[..., 0]) and torch.all(boxes[..., 3] >= boxes[..., 1])
+    for boxes in (out["aux_boxes"], out["prompt_boxes"]):
+        assert boxes.min() >= 0 and boxes.max() <= 1
+        assert torch.all(boxes[..., 2] >= boxes[..., 0]) and torch.all(boxes[..., 3] >= boxes[..., 1])
 
     net.eval()
     with torch.no_grad():
@@ -79,6 +88,7 @@ def test_lite_medsam_real_weights_forward():
         "pred_masks": (1, 1, 3, 256, 256),
         "aux_masks": [(1, 1, 3, 256, 256), (1, 1, 3, 128, 128), (1, 1, 3, 64, 64)],
         "aux_boxes": (1, 1, 3, 4),
+        "prompt_boxes": (1, 1, 3, 4),
     }
     assert torch.isfinite(out["pred_masks"]).all()
     net.eval()
@@ -174,53 +184,104 @@ class _Zero(nn.Module):
         return torch.zeros_like(x)
 
 
-def test_depth_convolution_mixes_only_same_position_of_neighbouring_slices():
-    """Through a window-attention block: a change at one token may reach only the same (h, w) of other slices.
+def _windowed_adapter_forward(adapted: AdaptedViTBlock, x: torch.Tensor) -> torch.Tensor:
+    """The mutation to catch: the release's placement, the attention-side adapter on window-partitioned tokens."""
+    blk = adapted.block
+    shortcut, h, w = x, x.shape[1], x.shape[2]
+    windows, pad_hw = window_partition(blk.norm1(x), blk.window_size)
+    windows = blk.attn(windows)
+    windows = windows + adapted.attn_adapter(windows)  # "depth" then runs across the windows of one slice
+    x = shortcut + window_unpartition(windows, blk.window_size, pad_hw, (h, w))
+    normed = blk.norm2(x)
+    return x + blk.mlp(normed) + adapted.mlp_adapter_scale * adapted.mlp_adapter(normed)
 
-    Attention and MLP are replaced by per-token maps so that only the adapters can move information; if the
-    depth convolution ran over window-partitioned tokens, the change would leak to other (h, w) positions.
-    """
-    torch.manual_seed(0)
-    parts = build_sam_parts("vit_t")
-    block = parts.image_encoder.blocks[0]
-    assert block.window_size == 14
-    block.attn, block.mlp = nn.Identity(), _Zero()
-    d, side, c = 5, 20, 128  # 20 x 20 grid: padded to two windows per axis
-    adapted = AdaptedViTBlock(block, num_slices=d)
-    for adapter in (adapted.attn_adapter, adapted.mlp_adapter):
-        nn.init.normal_(adapter.up.weight, std=0.5)
+
+def _spread_of_one_token(forward, d, side, c, token):
+    """``(D, h, w)`` output change after perturbing one input token (a random vector, not a constant shift,
+    which LayerNorm would remove)."""
+    torch.manual_seed(1)
     x = torch.randn(d, side, side, c)
     moved = x.clone()
-    d0, h0, w0 = 2, 13, 15  # a token near a window border
-    moved[d0, h0, w0] += 5.0 * torch.randn(c)  # not a constant shift: LayerNorm would remove that
+    moved[token] += 5.0 * torch.randn(c)
     with torch.no_grad():
-        change = (adapted(moved) - adapted(x)).abs().sum(-1)  # (D, h, w)
-    elsewhere = change.clone()
-    elsewhere[:, h0, w0] = 0
-    assert elsewhere.max() == 0, "the depth convolution mixed different (h, w) positions"
-    assert change[d0 + 1, h0, w0] > 1e-4 and change[d0 - 1, h0, w0] > 1e-4, "no depth mixing at all"
-    assert change[d0 + 2, h0, w0] > 0  # two adapters in sequence reach two slices away
-    assert change[0, h0, w0] > 0 and torch.all(change[:, h0, w0] >= 0)
+        return (forward(moved) - forward(x)).abs().sum(-1)
 
 
-def test_dconv_adapter_slices_are_not_mixed_across_batch():
+def _violations_of_unwindowed_3d_convolution(change, token):
+    """What is wrong with the spread of one token through one DConvAdapter: it must reach exactly its 3x3x3
+    neighbourhood on the un-windowed (D, h, w) grid."""
+    d0, h0, w0 = token
+    expected = torch.zeros_like(change, dtype=torch.bool)
+    expected[max(d0 - 1, 0) : d0 + 2, max(h0 - 1, 0) : h0 + 2, max(w0 - 1, 0) : w0 + 2] = True
+    reached = change > 1e-6
+    problems = []
+    if not reached[d0, h0 + 1, w0]:
+        problems.append("in-plane neighbour across the window boundary not reached")
+    if not (reached[d0 - 1, h0, w0] and reached[d0 + 1, h0, w0]):
+        problems.append("neighbouring slices not reached")
+    if not reached[expected].all():
+        problems.append(f"{int((~reached[expected]).sum())} of the 27 neighbours not reached")
+    if reached[~expected].any():
+        problems.append(f"reached {int(reached[~expected].sum())} tokens outside the 3x3x3 neighbourhood")
+    return problems
+
+
+def test_dconv_adapter_runs_a_3d_convolution_on_the_unwindowed_grid():
+    """Through a window-attention block, one token's change reaches exactly its 3x3x3 neighbourhood: in-plane
+    neighbours across a window boundary and neighbouring slices. Attention and MLP are replaced by per-token
+    maps, and only the attention-side adapter is non-zero, so only that adapter can move information.
+
+    The same check fails for the mutations it guards against: the adapter run on window-partitioned tokens
+    (the release's placement) and a depth-only (3, 1, 1) kernel (an earlier version of this bundle).
+    """
     torch.manual_seed(0)
-    adapter = DConvAdapter(16, num_slices=3)
-    nn.init.normal_(adapter.up.weight)
-    x = torch.randn(2 * 3, 4, 4, 16)
+    block = build_sam_parts("vit_t").image_encoder.blocks[0]
+    assert block.window_size == 14
+    block.attn, block.mlp = nn.Identity(), _Zero()
+    d, side, c = 5, 20, 128  # 20 x 20 grid: padded to two 14 x 14 windows per axis
+    token = (2, 13, 13)  # last row/column of the first window: (2, 14, 13) lies in the next window
+    adapted = AdaptedViTBlock(block, num_slices=d)
+    nn.init.normal_(adapted.attn_adapter.up.weight, std=0.5)  # the MLP-side adapter stays zero
+
+    change = _spread_of_one_token(adapted, d, side, c, token)
+    assert _violations_of_unwindowed_3d_convolution(change, token) == []
+
+    windowed = _spread_of_one_token(lambda x: _windowed_adapter_forward(adapted, x), d, side, c, token)
+    problems = _violations_of_unwindowed_3d_convolution(windowed, token)
+    assert "in-plane neighbour across the window boundary not reached" in problems
+    assert "neighbouring slices not reached" in problems
+
+    conv = adapted.attn_adapter.depth_conv
+    depth_only = nn.Conv3d(conv.in_channels, conv.out_channels, (3, 1, 1), padding=(1, 0, 0), groups=conv.groups)
+    adapted.attn_adapter.depth_conv = depth_only
+    problems = _violations_of_unwindowed_3d_convolution(_spread_of_one_token(adapted, d, side, c, token), token)
+    assert "in-plane neighbour across the window boundary not reached" in problems
+
+
+@pytest.mark.parametrize("kind", IMAGE_ADAPTERS)
+def test_every_image_adapter_starts_at_zero_and_keeps_volumes_apart(kind):
+    torch.manual_seed(0)
+    adapter = image_adapter(kind, 16, num_slices=3)
+    x = torch.randn(2 * 3, 4, 4, 16)  # two volumes of 3 slices, folded
+    assert torch.count_nonzero(adapter(x)) == 0
+    for p in adapter.parameters():  # any non-zero weights: the output moves, but only within a volume
+        nn.init.normal_(p, std=0.3)
     moved = x.clone()
-    moved[2] += 1.0  # last slice of the first volume
+    moved[1] += torch.randn(4, 4, 16)
     with torch.no_grad():
         change = (adapter(moved) - adapter(x)).abs().flatten(1).sum(1)
-    assert torch.all(change[3:] == 0) and change[1] > 0 and change[0] == 0
+    assert torch.all(change[3:] == 0) and change[1] > 0
+    assert (change[0] > 0) == (kind != "vanilla")  # every kind but the vanilla adapter mixes slices
 
 
-def test_dmlp_adapter_starts_at_zero_and_checks_depth():
-    adapter = DMLPAdapter(256, num_slices=4)
-    x = torch.randn(2, 4, 3, 5, 256)
-    assert torch.count_nonzero(adapter(x)) == 0
+@pytest.mark.parametrize("kind", PROMPT_ADAPTERS)
+def test_every_prompt_adapter_starts_at_zero(kind):
+    adapter = prompt_adapter(kind, 32, num_slices=4)
+    assert torch.count_nonzero(adapter(torch.randn(2, 4, 3, 5, 32))) == 0
     with pytest.raises(ValueError, match="4 slices"):
-        adapter(torch.randn(2, 3, 3, 5, 256))
+        adapter(torch.randn(2, 3, 3, 5, 32))
+    with pytest.raises(ValueError, match="no spatial grid"):
+        prompt_adapter("dconv", 32, num_slices=4)
 
 
 def test_masks_to_boxes_and_mask_avg_box_prompt():
@@ -238,6 +299,14 @@ def test_masks_to_boxes_and_mask_avg_box_prompt():
     assert not prompt.requires_grad
     torch.testing.assert_close(prompt[0], torch.tensor([0.2, 0.15, 0.6, 0.625]))
     torch.testing.assert_close(prompt[2], learnable[2].detach())  # empty aux mask: learnable box alone
+
+    # The supervised box prompt (box_loss_on="prompt"): the same values, gradient x0.5 where averaged.
+    supervised = mask_avg_box(logits, learnable)
+    torch.testing.assert_close(supervised.detach(), prompt)
+    supervised.sum().backward()
+    torch.testing.assert_close(learnable.grad, torch.tensor([[0.5] * 4, [0.5] * 4, [1.0] * 4]))
+    # Mask-only prompts (ablation B1): the aux mask's box, the whole frame where it is empty.
+    torch.testing.assert_close(mask_box_prompt(logits), torch.stack([boxes[0], boxes[1], torch.tensor([0.0, 0, 1, 1])]))
 
 
 def test_sam_weights_frozen_and_gradients_reach_trainable_only():
@@ -312,11 +381,24 @@ def test_bad_inputs_raise_clear_errors():
         MaskSAM(backbone="vit_t", image_size=100)
 
 
-def test_vit_without_checkpoint_warns():
+def test_vit_without_checkpoint_builds_silently_but_training_requires_one(tmp_path):
+    """Building for inference (a trained model.pt follows) prints no SAM-checkpoint warning; the training
+    check names ``sam_checkpoint`` and the official file, unless random SAM weights are allowed explicitly."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_sam_parts("vit_b")
-    assert any("sam_vit_b_01ec64.pth" in str(w.message) for w in caught)
+    assert not [w for w in caught if "checkpoint" in str(w.message)]
+
+    with pytest.raises(ValueError, match=r"sam_checkpoint.*sam_vit_b_01ec64\.pth.*allow_random_sam"):
+        require_sam_checkpoint("vit_b", None)
+    with pytest.raises(FileNotFoundError, match=r"sam_checkpoint .*missing\.pth.*sam_vit_h_4b8939\.pth"):
+        require_sam_checkpoint("vit_h", str(tmp_path / "missing.pth"))
+    require_sam_checkpoint("vit_b", None, allow_random_sam=True)
+    for backbone in ("lite_medsam", "vit_t"):  # packaged weights / a test backbone: nothing to require
+        require_sam_checkpoint(backbone, None)
+    present = tmp_path / "sam_vit_l_0b3195.pth"
+    present.write_bytes(b"")
+    require_sam_checkpoint("vit_l", str(present))
 
 
 def test_monai_batches_with_metadata_reach_the_loss():

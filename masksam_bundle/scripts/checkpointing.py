@@ -1,7 +1,9 @@
 """Checkpoints: the best model as a plain state dict, a resumable last checkpoint, safe loading.
 
 - ``models/model.pt`` (``BestModelSaver``): the network's plain ``state_dict`` (``module.`` prefix of DDP
-  removed) -- what ``monai.bundle ckpt_export``, MONAI Label and ``load_model_weights`` read.
+  removed) -- what ``monai.bundle ckpt_export``, MONAI Label and ``load_model_weights`` read -- with
+  ``models/model.json`` beside it (the settings the weights need, ``scripts.settings``). The best weights by
+  validation when a validation ran; otherwise, when training ends, the last weights (the log says which).
 - ``output_dir/checkpoint_last.pt`` (``ResumableCheckpoint``): network, optimiser, LR scheduler, AMP scaler,
   trainer position (iteration/epoch), best-metric bookkeeping and the model settings it was trained with.
   Saved every epoch and, optionally, every ``save_interval_iters`` iterations; loaded at start when
@@ -21,6 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.io import atomic_torch_save, ensure_writable_dir, safe_torch_load
+from scripts.settings import check_model_settings, settings_path, write_model_settings
 
 logger = logging.getLogger("masksam.checkpoint")
 
@@ -100,6 +103,8 @@ def check_state_dict(network: torch.nn.Module, state_dict: Mapping[str, torch.Te
 
 def load_model_weights(network: torch.nn.Module, path: str, settings: Optional[Mapping] = None) -> torch.nn.Module:
     """Load a trained ``model.pt`` (plain state dict, or our ``checkpoint_last.pt``) strictly into ``network``."""
+    if settings:
+        check_model_settings(path, settings)  # the model.json beside model.pt, when there is one
     checkpoint = safe_torch_load(path)
     if isinstance(checkpoint, Mapping) and settings and isinstance(checkpoint.get("settings"), Mapping):
         _check_settings(checkpoint["settings"], settings, path)
@@ -143,28 +148,56 @@ def prepare_training_output(output_dir: str, ckpt_dir: str, resume: bool = False
 
 
 class BestModelSaver:
-    """Attach to the validator: save the network's plain state dict when ``metric_name`` improves."""
+    """Attach to the validator: save the network's plain state dict when ``metric_name`` improves, with the
+    model settings (``settings``, written to ``model.json`` beside it).
+
+    :meth:`save_final` (called by ``ResumableCheckpoint`` when training completes) saves the last weights when
+    no validation produced a model, so that every finished run leaves a usable ``model.pt``."""
 
     def __init__(self, save_dir: str, network: torch.nn.Module, metric_name: str = "val_mean_dice",
-                 filename: str = "model.pt") -> None:
+                 filename: str = "model.pt", settings: Optional[Mapping] = None) -> None:
         self.path = os.path.join(save_dir, filename)
-        self.network, self.metric_name = network, metric_name
+        self.network, self.metric_name, self.settings = network, metric_name, dict(settings or {})
         self.best_metric, self.best_epoch = -float("inf"), -1
+        self.validations = 0  # in this process (a resumed run starts at 0)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def save_weights(self, **info: Any) -> None:
+        """Write model.pt (plain state dict) and model.json (settings + ``info``), each atomically."""
+        atomic_torch_save(unwrap(self.network).state_dict(), self.path)
+        write_model_settings(self.path, self.settings, **info)
 
     def __call__(self, engine: Engine) -> None:
         value = engine.state.metrics.get(self.metric_name)
         if value is None:
             raise KeyError(f"BestModelSaver: metric {self.metric_name!r} not in {list(engine.state.metrics)}")
+        self.validations += 1
         value = float(value)
         if value != value or value <= self.best_metric:  # NaN never counts as an improvement
             return
         self.best_metric, self.best_epoch = value, int(engine.state.epoch)
         if is_rank_zero():
-            atomic_torch_save(unwrap(self.network).state_dict(), self.path)
-            logger.info(f"new best {self.metric_name} {value:.4f} at epoch {self.best_epoch}: saved {self.path}")
+            selected = f"best {self.metric_name} {value:.4f} at epoch {self.best_epoch}"
+            self.save_weights(selected=selected, epoch=self.best_epoch, metric={self.metric_name: value})
+            logger.info(f"new {selected}: saved {self.path} and {settings_path(self.path)}")
+
+    def save_final(self, trainer: Engine) -> None:
+        """At the end of training: keep the best validated model, else save the last weights; say which."""
+        if not is_rank_zero():
+            return
+        epoch, iteration = int(trainer.state.epoch), int(trainer.state.iteration)
+        if self.best_epoch >= 0:
+            logger.info(f"training done: {self.path} holds the best validated weights ({self.metric_name} "
+                        f"{self.best_metric:.4f} at epoch {self.best_epoch}); the last weights are in checkpoint_last.pt")
+            return
+        reason = ("no validation ran (val_interval is larger than the epochs trained)" if self.validations == 0
+                  else f"no validation gave a finite {self.metric_name}")
+        selected = f"last weights at epoch {epoch}, iteration {iteration}: {reason}"
+        self.save_weights(selected=selected, epoch=epoch, iteration=iteration)
+        logger.info(f"training done: {reason}; saved the last weights (epoch {epoch}, iteration {iteration}) as "
+                    f"{self.path} with {settings_path(self.path)}")
 
     def state_dict(self) -> Dict[str, Any]:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
@@ -188,6 +221,8 @@ class ResumableCheckpoint:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        if self.best_saver is not None:  # every finished run leaves a model.pt (best validated, else last)
+            engine.add_event_handler(Events.COMPLETED, self.best_saver.save_final)
         if self.save_interval_iters > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval_iters), self.save)
 

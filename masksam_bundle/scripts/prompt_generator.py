@@ -6,12 +6,16 @@ stage; when there are more features than stages, the extra (shallower) ones all 
 the decoder stages it produces
 
 * auxiliary mask logits at full resolution plus two coarser deep-supervision heads,
-* N learnable boxes per slice, and
+* N learnable boxes per slice (unless the ablation's mask-only mode drops them), and
 * N auxiliary classifier tokens per slice (256-d, from 16 x 16 pooled maps).
+
+Stage widths follow the release's networks (:func:`default_decoder_channels`) unless given.
 """
 
+from __future__ import annotations
+
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,19 +23,28 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UnetBasicBlock
 
 from .box_ops import masks_to_boxes
+from .modality_adapter import LEAKY_RELU as _ACT
+from .modality_adapter import upsample_inplane as _upsample_inplane
 
-_ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
-RELEASE_DECODER_CHANNELS = (256, 256, 128, 128, 64)  # coarsest -> finest, the release's widths
+# Stage widths, coarsest (the embedding grid g) -> finest (the input side H), of the release's networks, by
+# the number of x2 stages L = log2(H / g): ACDC (ViT-B x4, g = 64, H = 256) and Synapse/AMOS (g = H / 16).
+RELEASE_DECODER_CHANNELS = {2: (256, 128, 128), 4: (256, 256, 128, 128, 64)}
 NUM_AUX_HEADS = 3  # full resolution + two deep-supervision levels
 TOKEN_GRID = 16  # aux classifier tokens: 16 x 16 = 256 = SAM's token width
 
 
-def _upsample_inplane(in_channels: int, out_channels: int) -> nn.Module:
-    """ConvTranspose3d (1, 2, 2) + norm + act: doubles h and w, keeps the depth."""
-    return Convolution(
-        3, in_channels, out_channels, strides=(1, 2, 2), kernel_size=(1, 2, 2), act=_ACT, norm="instance",
-        is_transposed=True, padding=0, output_padding=0,
-    )
+def default_decoder_channels(num_steps: int) -> Tuple[int, ...]:
+    """The release's stage widths for ``num_steps`` x2 stages (``num_steps + 1`` widths, coarsest first).
+
+    The release has networks with 2 and 4 stages; for other counts (no release network) the finest
+    ``num_steps + 1`` widths of the 4-stage network.
+    """
+    if num_steps in RELEASE_DECODER_CHANNELS:
+        return RELEASE_DECODER_CHANNELS[num_steps]
+    widest = RELEASE_DECODER_CHANNELS[4]
+    if num_steps + 1 > len(widest):
+        return (widest[0],) * (num_steps + 1 - len(widest)) + widest
+    return widest[-(num_steps + 1):]
 
 
 class FeatureLift(nn.Module):
@@ -75,7 +88,9 @@ class PromptGenerator(nn.Module):
         image_size: H, the network input side (``S / sam_upsample``).
         num_queries: N.
         num_slices: D.
-        decoder_channels: stage widths, coarsest to finest; the last ``L + 1`` entries are used.
+        decoder_channels: ``L + 1`` stage widths, coarsest (grid g) to finest (input side H), with
+            ``L = log2(H / g)``; ``None``: the release's (:func:`default_decoder_channels`).
+        predict_boxes: learnable box head; ``False`` for the ablation's mask-only prompt generator (B1).
     """
 
     def __init__(
@@ -88,7 +103,8 @@ class PromptGenerator(nn.Module):
         image_size: int,
         num_queries: int,
         num_slices: int,
-        decoder_channels: Sequence[int] = RELEASE_DECODER_CHANNELS,
+        decoder_channels: Optional[Sequence[int]] = None,
+        predict_boxes: bool = True,
     ) -> None:
         super().__init__()
         grid = sam_size // embed_stride
@@ -99,9 +115,15 @@ class PromptGenerator(nn.Module):
                 f"the prompt generator needs the input side H={image_size} to be the embedding grid g={grid} "
                 f"times a power of two >= {2 ** (NUM_AUX_HEADS - 1)}; use a smaller sam_upsample"
             )
-        if len(decoder_channels) < num_steps + 1:
-            raise ValueError(f"decoder_channels needs {num_steps + 1} widths, got {list(decoder_channels)}")
-        widths = list(decoder_channels)[-(num_steps + 1):]  # coarsest -> finest
+        if decoder_channels is None:
+            decoder_channels = default_decoder_channels(num_steps)
+        if len(decoder_channels) != num_steps + 1 or min(decoder_channels) < 1:
+            raise ValueError(
+                f"decoder_channels needs {num_steps + 1} positive widths (grid {grid} -> input side {image_size}, "
+                f"{num_steps} x2 stages; coarsest first), got {list(decoder_channels)}"
+            )
+        widths = [int(w) for w in decoder_channels]  # coarsest -> finest
+        self.widths = widths
         self.num_queries, self.num_slices, self.image_size = num_queries, num_slices, image_size
 
         # Skip routing: deepest feature -> stage 1, next -> stage 2, ...; extras join the finest stage.
@@ -125,7 +147,7 @@ class PromptGenerator(nn.Module):
         )
         # Heads: aux masks on the finest three stages, boxes and tokens pooled from every stage.
         self.mask_heads = nn.ModuleList([nn.Conv3d(widths[-1 - i], num_queries, 1) for i in range(NUM_AUX_HEADS)])
-        self.box_head = nn.Conv3d(sum(widths), num_queries, 1)
+        self.box_head = nn.Conv3d(sum(widths), num_queries, 1) if predict_boxes else None
         self.token_head = nn.Conv3d(sum(widths), num_queries, 1)
 
     def _unfold(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +163,8 @@ class PromptGenerator(nn.Module):
 
         Returns:
             ``aux_masks``: list of 3 logits ``(B, D, N, h, w)``, finest (= H) first;
-            ``aux_boxes``: ``(B, D, N, 4)`` xyxy in [0, 1]; ``aux_tokens``: ``(B, D, N, 256)``.
+            ``aux_boxes``: ``(B, D, N, 4)`` xyxy in [0, 1] (without a box head: the boxes of the thresholded
+            finest aux masks, detached; see :func:`mask_box_prompt`); ``aux_tokens``: ``(B, D, N, 256)``.
         """
         skips: List[List[torch.Tensor]] = [[] for _ in range(len(self.stages) + 1)]
         for index, stage in self.feature_stage:
@@ -155,31 +178,68 @@ class PromptGenerator(nn.Module):
         aux_masks = [head(outputs[-1 - i]).permute(0, 2, 1, 3, 4) for i, head in enumerate(self.mask_heads)]
 
         d = self.num_slices
-        pooled_boxes = torch.cat([F.adaptive_avg_pool3d(o, (d, 2, 2)) for o in outputs], dim=1)
-        cells = torch.sigmoid(self.box_head(pooled_boxes))  # (B, N, D, 2, 2)
-        x1, y1, px, py = cells.permute(0, 2, 1, 3, 4).flatten(3).unbind(-1)  # each (B, D, N)
-        # x2 = x1 + (1 - x1) * px keeps every box valid (x1 <= x2 <= 1).
-        aux_boxes = torch.stack([x1, y1, x1 + (1 - x1) * px, y1 + (1 - y1) * py], dim=-1)
+        if self.box_head is None:
+            aux_boxes = mask_box_prompt(aux_masks[0])
+        else:
+            pooled_boxes = torch.cat([F.adaptive_avg_pool3d(o, (d, 2, 2)) for o in outputs], dim=1)
+            cells = torch.sigmoid(self.box_head(pooled_boxes))  # (B, N, D, 2, 2)
+            x1, y1, px, py = cells.permute(0, 2, 1, 3, 4).flatten(3).unbind(-1)  # each (B, D, N)
+            # x2 = x1 + (1 - x1) * px keeps every box valid (x1 <= x2 <= 1).
+            aux_boxes = torch.stack([x1, y1, x1 + (1 - x1) * px, y1 + (1 - y1) * py], dim=-1)
 
         pooled_tokens = torch.cat([F.adaptive_avg_pool3d(o, (d, TOKEN_GRID, TOKEN_GRID)) for o in outputs], dim=1)
         aux_tokens = self.token_head(pooled_tokens).permute(0, 2, 1, 3, 4).flatten(3)  # (B, D, N, 256)
         return {"aux_masks": aux_masks, "aux_boxes": aux_boxes, "aux_tokens": aux_tokens}
 
 
-def mask_avg_box_prompt(aux_mask_logits: torch.Tensor, learnable_boxes: torch.Tensor) -> torch.Tensor:
-    """MaskAvgBBox: mean of the thresholded aux mask's tight box and the learnable box (detached).
+def mask_avg_box(aux_mask_logits: torch.Tensor, learnable_boxes: torch.Tensor) -> torch.Tensor:
+    """MaskAvgBBox: mean of the thresholded aux mask's tight box and the learnable box.
 
     Where the aux mask is empty the learnable box is used alone (spec decision; the release averaged with a
-    zero box, which drags empty-mask prompts towards the corner).
+    zero box, which drags empty-mask prompts towards the corner). The mask box is a constant; gradients reach
+    the learnable box (x0.5 where averaged), so a box loss can supervise this average as the release does.
 
     Args:
         aux_mask_logits: ``(..., H, W)``; sigmoid > 0.5 is logit > 0.
         learnable_boxes: ``(..., 4)`` xyxy in [0, 1].
 
     Returns:
+        ``(..., 4)`` float32 xyxy in [0, 1].
+    """
+    with torch.no_grad():
+        mask_boxes, nonempty = masks_to_boxes(aux_mask_logits > 0)
+    learnable = learnable_boxes.float()  # float32 under AMP too: x 1024 frame pixels needs the precision
+    return torch.where(nonempty[..., None], 0.5 * (mask_boxes + learnable), learnable)
+
+
+def mask_avg_box_prompt(aux_mask_logits: torch.Tensor, learnable_boxes: torch.Tensor) -> torch.Tensor:
+    """:func:`mask_avg_box` without gradient: the box prompt SAM's frozen prompt encoder receives."""
+    with torch.no_grad():
+        return mask_avg_box(aux_mask_logits, learnable_boxes.detach())
+
+
+def mask_box_prompt(aux_mask_logits: torch.Tensor) -> torch.Tensor:
+    """Box prompt from the aux mask alone (ablation B1): the tight box of sigmoid > 0.5, detached.
+
+    Where the aux mask is empty the whole frame ``[0, 0, 1, 1]`` (a prompt that constrains nothing).
+
+    Args:
+        aux_mask_logits: ``(..., H, W)``.
+
+    Returns:
         ``(..., 4)`` xyxy in [0, 1], no gradient.
     """
     with torch.no_grad():
         mask_boxes, nonempty = masks_to_boxes(aux_mask_logits > 0)
-        learnable = learnable_boxes.detach().to(mask_boxes.dtype)
-        return torch.where(nonempty[..., None], 0.5 * (mask_boxes + learnable), learnable)
+        whole_frame = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=mask_boxes.dtype, device=mask_boxes.device)
+        return torch.where(nonempty[..., None], mask_boxes, whole_frame)
+
+
+__all__ = [
+    "PromptGenerator",
+    "default_decoder_channels",
+    "mask_avg_box",
+    "mask_avg_box_prompt",
+    "mask_box_prompt",
+    "RELEASE_DECODER_CHANNELS",
+]

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+import shlex
+import shutil
+import sys
+from typing import Dict, List, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -91,27 +94,63 @@ def make_demo_dataset(root: str, num_cases: int = 6, num_val: int = 2, shape: Se
     return datalist
 
 
-def dice_summary(predictions: Sequence[str], datalist: str, key: str = "validation", num_classes: int = 4,
-                 output: Optional[str] = None, postfix: str = "_seg") -> Dict:
-    """Dice per class of written predictions against the datalist labels (a quick demo check)."""
-    from scripts.data import load_datalist, strip_nifti_suffix
+def _python() -> str:
+    """How to call this Python on the command line: its short name when that resolves to it, else its path."""
+    name = os.path.basename(sys.executable)
+    found = shutil.which(name)
+    return name if found and os.path.realpath(found) == os.path.realpath(sys.executable) else sys.executable
 
-    labels = {strip_nifti_suffix(e["image"]): e["label"] for e in load_datalist(datalist, key)}
-    per_case = {}
-    for pred_path in predictions:
-        case = strip_nifti_suffix(pred_path)[: -len(postfix)] if postfix else strip_nifti_suffix(pred_path)
-        pred = np.asarray(nib.load(pred_path).dataobj)
-        gt = np.asarray(nib.load(labels[case]).dataobj)
-        dice = {}
-        for k in range(1, num_classes):
-            p, g = pred == k, gt == k
-            denom = p.sum() + g.sum()
-            dice[CLASS_NAMES[k] if k < len(CLASS_NAMES) else str(k)] = float(2 * (p & g).sum() / denom) if denom else float("nan")
-        per_case[case] = dice
-    names = sorted({n for d in per_case.values() for n in d})
-    mean = {n: float(np.nanmean([d[n] for d in per_case.values()])) for n in names}
-    summary = {"per_case": per_case, "mean_per_class": mean, "mean_dice": float(np.nanmean(list(mean.values())))}
-    logger.info(f"demo Dice per class {mean}, mean {summary['mean_dice']:.4f}")
-    if output:
-        atomic_write_text(output, json.dumps(summary, indent=2) + "\n")
-    return summary
+
+def demo_report(predictions: Sequence[str], datalist: str, class_names: Sequence[str], output_dir: str,
+                ckpt_dir: str, bundle_root: str = ".", best_saver=None, key: str = "validation") -> Dict:
+    """The demo's last step: the evaluation report of its predictions (``evaluation/``: metrics, table and PNG
+    overlays with titles and a legend), ``demo_dice.json``, and as the last lines the commands that run
+    inference and evaluation with the model it just trained."""
+    from scripts.evaluation import report_label_maps
+
+    output_dir, ckpt_dir = os.path.abspath(output_dir), os.path.abspath(ckpt_dir)
+    report = report_label_maps(predictions, datalist, class_names, os.path.join(output_dir, "evaluation"), key=key,
+                               overwrite=True, extra={"checkpoint": os.path.join(ckpt_dir, "model.pt")})
+    summary = report.summary()
+    validation = None
+    if best_saver is not None and best_saver.best_epoch >= 0:
+        validation = {"val_mean_dice": best_saver.best_metric, "epoch": best_saver.best_epoch}
+    result = {
+        "dice_definition": "per case and foreground class in the input image space (a class absent from the ground "
+                           "truth is skipped), mean over cases per class, then over classes: the Dice of "
+                           "`run evaluating` and evaluation/metrics.json",
+        "mean_dice": summary["mean"]["dice"],
+        "mean_per_class": {n: v["dice"] for n, v in summary["per_class"].items()},
+        "per_case": {c["case"]: c["dice"] for c in summary["per_case"]},
+        "validation_during_training": validation and {
+            **validation, "definition": "MONAI MeanDice on the padded/resampled patch grid during training "
+                                        "(selects models/model.pt); differs from mean_dice, which is in the image space"},
+    }
+    atomic_write_text(os.path.join(output_dir, "demo_dice.json"), json.dumps(result, indent=2) + "\n")
+    print(report.table(summary), flush=True)
+    py, data = _python(), os.path.abspath(os.path.dirname(datalist))
+    example = load_images(datalist, key)[0]
+    lines = [
+        f"demo outputs in {output_dir}",
+        f"  model: {ckpt_dir}/model.pt (+ model.json, its settings); predictions: {output_dir}/predictions/",
+        f"  pictures: " + ", ".join(report.overlays),
+        f"  Dice of the predictions (image space, as `run evaluating`): mean {result['mean_dice']:.4f} "
+        + " ".join(f"{n} {v:.4f}" for n, v in result["mean_per_class"].items())
+        + (f"; validation Dice during training (patch grid, selects the model): {validation['val_mean_dice']:.4f}"
+           if validation else ""),
+        f"Use the model it just trained (from {os.path.abspath(bundle_root)}; --tta_mirror false predicts as the demo "
+        f"did, without it nnU-Net's test-time mirroring runs 8 passes per window):",
+        f"  {py} -m monai.bundle run inference --config_file configs/inference.yaml --ckpt_dir {shlex.quote(ckpt_dir)} "
+        f"--dataset_dir {shlex.quote(example)} --output_dir {shlex.quote(output_dir + '/my_inference')} --tta_mirror false",
+        f"  {py} -m monai.bundle run evaluating --config_file \"['configs/train.yaml','configs/evaluate.yaml']\" "
+        f"--ckpt_dir {shlex.quote(ckpt_dir)} --dataset_dir {shlex.quote(data)} --output_dir {shlex.quote(output_dir + '/my_evaluation')} "
+        f"--tta_mirror false",
+    ]
+    print("\n".join(lines), flush=True)
+    return result
+
+
+def load_images(datalist: str, key: str) -> List[str]:
+    from scripts.data import load_datalist
+
+    return [e["image"] for e in load_datalist(datalist, key)]

@@ -3,19 +3,24 @@
 For every slice the queries are matched one-to-one to the slice's targets (every label value present,
 background included); then
 
-* CE over K+1 classes for all queries, unmatched ones towards "no object" (weight ``no_object_weight``);
+* CE over K+1 classes for all queries, unmatched ones towards "no object" (weight ``no_object_weight``),
+  as the class-weighted mean over queries (Mask2Former's and the release's ``F.cross_entropy`` with class
+  weights);
 * for matched queries: BCE + Dice on the final masks and on the auxiliary masks (importance-sampled pixels),
-  and L1 + (1 − GIoU) on the auxiliary boxes;
+  and L1 + (1 − GIoU) on a box: the box prompt (MaskAvgBBox, as the release supervises) or the learnable box;
 * deep supervision: the auxiliary-mask term is split over the finest and the two coarser prompt-generator
   heads (4/7, 2/7, 1/7 by default), each against the label resampled to its resolution.
 
-Every term is a sum over targets (queries for CE) divided by the total number of targets in the batch, i.e.
-Eq. 1 averaged per target.
+Mask and box terms are sums over matched targets divided by the number of targets, averaged over DDP ranks
+when ``torch.distributed`` is initialised (Mask2Former's ``num_masks``).
 """
+
+from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
@@ -25,6 +30,8 @@ from .mask_losses import bce_matched, dice_matched
 from .matcher import HungarianMatcher, Match
 from .point_sampling import gather_pixels, uncertain_pixels
 
+# Which prediction the box terms supervise: the box prompt given to SAM (the release) or the learnable box.
+BOX_PREDICTIONS = {"prompt": "prompt_boxes", "learnable": "aux_boxes"}
 TERM_NAMES = (
     "loss_ce",
     "loss_mask_bce",
@@ -43,17 +50,22 @@ class MaskSAMLoss(nn.Module):
         num_classes: K, classes including background; label values must lie in ``[0, K)``.
         weight_*: term weights (spec defaults); the matcher uses the same weights as costs.
         no_object_weight: CE class weight of the "no object" class (index K).
-        num_points: sampled pixels per mask, for matching and for each mask loss.
+        num_points: sampled pixels per mask, for matching and for each mask loss (Mask2Former 112² = 12544;
+            the release's ACDC trainer 32768).
         oversample_ratio, importance_sample_ratio: importance sampling of the loss pixels (PointRend).
         deep_supervision: supervise the two coarser auxiliary heads too.
         deep_supervision_weights: split of the auxiliary-mask term, finest first.
         seed: if given, pixel sampling uses a private generator seeded once (reproducible runs);
             otherwise the global RNG.
         max_chunk_elements: cap on the transient sampled elements per step (matching, candidate pixels).
+        box_loss_on: ``"prompt"`` (default, the release): L1/GIoU on the box prompt ``prompt_boxes``
+            (MaskAvgBBox: its gradient reaches the learnable box x0.5); ``"learnable"``: on ``aux_boxes``.
+            The matcher's box cost uses the same box.
 
     Predictions (train-mode dict of the network):
         ``pred_logits (B, D, N, K+1)``, ``pred_masks (B, D, N, H, W)`` logits, ``aux_masks`` list of
-        ``(B, D, N, h, w)`` logits finest first (finest at H×W), ``aux_boxes (B, D, N, 4)`` xyxy in [0, 1].
+        ``(B, D, N, h, w)`` logits finest first (finest at H×W), and the supervised box (``prompt_boxes`` or
+        ``aux_boxes``, ``(B, D, N, 4)`` xyxy in [0, 1]).
     Label: ``(B, 1, H, W, D)`` integer-valued (any dtype, MetaTensor fine).
 
     After each call ``last_terms`` holds detached 0-d tensors: the unweighted terms ``loss_ce``,
@@ -79,10 +91,16 @@ class MaskSAMLoss(nn.Module):
         deep_supervision_weights: Sequence[float] = (4 / 7, 2 / 7, 1 / 7),
         seed: Optional[int] = None,
         max_chunk_elements: int = 2**22,
+        box_loss_on: str = "prompt",
     ) -> None:
         super().__init__()
         if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
             raise ValueError("need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1")
+        if box_loss_on not in BOX_PREDICTIONS:
+            raise ValueError(f"box_loss_on must be one of {tuple(BOX_PREDICTIONS)}, got {box_loss_on!r}")
+        if int(num_points) < 1:
+            raise ValueError(f"num_points must be >= 1, got {num_points}")
+        self.box_loss_on, self.box_key = box_loss_on, BOX_PREDICTIONS[box_loss_on]
         self.num_classes = num_classes
         self.weights = {
             "loss_ce": weight_ce,
@@ -101,13 +119,13 @@ class MaskSAMLoss(nn.Module):
             cost_aux_dice=weight_aux_dice,
             cost_box_l1=weight_box_l1,
             cost_box_giou=weight_box_giou,
-            num_points=num_points,
+            num_points=int(num_points),
             max_chunk_elements=max_chunk_elements,
         )
         class_weights = torch.ones(num_classes + 1)
         class_weights[num_classes] = no_object_weight  # down-weight the many unmatched queries
         self.register_buffer("class_weights", class_weights, persistent=False)
-        self.num_points = num_points
+        self.num_points = int(num_points)
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
@@ -136,16 +154,17 @@ class MaskSAMLoss(nn.Module):
         matches = self.matcher(class_logits, masks, aux_levels[0], boxes, targets, generator)
         slice_idx, query_idx, target_idx = _flatten_matches(matches, masks.device)
         matched_classes = targets.classes[slice_idx, target_idx]  # (M,)
-        num_targets = max(len(slice_idx), 1)
+        num_targets = mean_target_count(len(slice_idx), masks.device)
 
-        # Classification: every query; unmatched ones should say "no object" (index K).
+        # Classification: every query; unmatched ones should say "no object" (index K). Class-weighted mean
+        # over queries: sum_q w_q CE_q / sum_q w_q (Mask2Former, the release).
         target_classes = torch.full_like(class_logits[..., 0], self.num_classes, dtype=torch.long)  # (S, N)
         target_classes[slice_idx, query_idx] = matched_classes
         loss_ce = F.cross_entropy(
             class_logits.flatten(0, 1).float(),
             target_classes.flatten(),
             weight=self.class_weights.to(class_logits.device),  # the loss module itself may stay on the CPU
-            reduction="sum",
+            reduction="mean",
         )
 
         # Masks: each matched (slice, query) is one row of the (S·N, h, w) view of a prediction level.
@@ -157,14 +176,13 @@ class MaskSAMLoss(nn.Module):
             aux_bce = aux_bce + level_weight * level_bce
             aux_dice = aux_dice + level_weight * level_dice
 
-        # Boxes: auxiliary (prompt-generator) boxes against the targets' tight boxes.
+        # Boxes: the supervised box (prompt or learnable) against the targets' tight boxes.
         matched_boxes = boxes[slice_idx, query_idx].float()  # (M, 4)
         target_boxes = targets.boxes[slice_idx, target_idx]
         loss_l1 = (matched_boxes - target_boxes).abs().sum()
         loss_giou = generalized_box_iou_loss(matched_boxes, target_boxes, reduction="sum")
 
-        unnormalised = {
-            "loss_ce": loss_ce,
+        per_target = {
             "loss_mask_bce": mask_bce,
             "loss_mask_dice": mask_dice,
             "loss_aux_bce": aux_bce,
@@ -172,7 +190,7 @@ class MaskSAMLoss(nn.Module):
             "loss_box_l1": loss_l1,
             "loss_box_giou": loss_giou,
         }
-        return {name: value / num_targets for name, value in unnormalised.items()}
+        return {"loss_ce": loss_ce, **{name: value / num_targets for name, value in per_target.items()}}
 
     def _mask_terms(
         self,
@@ -215,10 +233,15 @@ class MaskSAMLoss(nn.Module):
 
         Returns:
             class logits ``(S, N, K+1)``, final masks ``(S, N, H, W)``, aux masks ``(S, N, h, w)`` finest first,
-            boxes ``(S, N, 4)``.
+            supervised boxes ``(S, N, 4)``.
         """
+        if self.box_key not in pred:
+            raise ValueError(
+                f"box_loss_on={self.box_loss_on!r} supervises the prediction {self.box_key!r}, which is missing "
+                f"(the prediction has {sorted(pred)})"
+            )
         class_logits, masks, aux_masks, boxes = (
-            pred["pred_logits"], pred["pred_masks"], list(pred["aux_masks"]), pred["aux_boxes"]
+            pred["pred_logits"], pred["pred_masks"], list(pred["aux_masks"]), pred[self.box_key]
         )
         if label.ndim != 5 or label.shape[1] != 1:
             raise ValueError(f"label must have shape (B, 1, H, W, D), got {tuple(label.shape)}")
@@ -228,7 +251,7 @@ class MaskSAMLoss(nn.Module):
             "pred_logits": (class_logits, (batch, depth, num_queries, self.num_classes + 1)),
             "pred_masks": (masks, (batch, depth, num_queries, height, width)),
             "aux_masks[0]": (aux_masks[0], (batch, depth, num_queries, height, width)),
-            "aux_boxes": (boxes, (batch, depth, num_queries, 4)),
+            self.box_key: (boxes, (batch, depth, num_queries, 4)),
         }
         for name, (tensor, shape) in expected.items():
             if tuple(tensor.shape) != shape:
@@ -252,6 +275,17 @@ class MaskSAMLoss(nn.Module):
         return self._generators[key]
 
 
+def mean_target_count(count: int, device: torch.device) -> float:
+    """Targets per DDP rank for normalising the loss: the count summed over ranks, divided by the world
+    size, at least 1 (Mask2Former's ``num_masks``). Without ``torch.distributed`` it is ``max(count, 1)``."""
+    total = torch.as_tensor(float(count), device=device)
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        world_size = dist.get_world_size()
+    return torch.clamp(total / world_size, min=1).item()
+
+
 def _flatten_matches(matches: List[Match], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-slice matches -> ``(slice, query, target)`` index tensors ``(M,)``, ordered by slice then target."""
     slice_idx = torch.cat([torch.full_like(query_idx, s) for s, (query_idx, _) in enumerate(matches)])
@@ -260,4 +294,4 @@ def _flatten_matches(matches: List[Match], device: torch.device) -> Tuple[torch.
     return slice_idx.to(device), query_idx.to(device), target_idx.to(device)
 
 
-__all__ = ["MaskSAMLoss", "TERM_NAMES"]
+__all__ = ["MaskSAMLoss", "TERM_NAMES", "BOX_PREDICTIONS", "mean_target_count"]

@@ -1,0 +1,154 @@
+"""Config layering (train.yaml generic, presets hold what differs), the ablation overlays of paper Table 4, and
+the training guard against random SAM weights."""
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser
+
+from scripts.adapters import DConvAdapter, SliceFolded
+from scripts.prompt_generator import default_decoder_channels
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = REPO_ROOT / "masksam_bundle"
+CONFIGS = BUNDLE / "configs"
+
+# Table 4 of the paper: prompt mode, image-token adapter, prompt-token adapter, depth position embeddings.
+ABLATION = {
+    "B1": ("mask", "vanilla", "vanilla", False),
+    "B2": ("box", "vanilla", "vanilla", False),
+    "B3": ("mask_box", "vanilla", "vanilla", False),
+    "B4": ("mask_avg_box", "vanilla", "vanilla", False),
+    "B5": ("mask_avg_box", "vanilla", "vanilla", True),
+    "B6": ("mask_avg_box", "dmlp_after_up", "dmlp_after_up", True),
+    "B7": ("mask_avg_box", "dmlp_before_down", "dmlp_before_down", True),
+    "B8": ("mask_avg_box", "dmlp", "dmlp", True),
+    "B9": ("mask_avg_box", "dconv", "dmlp", True),
+}
+PLACEMENT = {"dmlp": "middle", "dmlp_after_up": "after_up", "dmlp_before_down": "before_down", "vanilla": None}
+
+
+def parser_for(*names: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in names])
+    parser["bundle_root"] = str(BUNDLE)
+    parser["device"] = "$torch.device('cpu')"
+    return parser
+
+
+def test_train_yaml_is_generic_and_acdc_yaml_holds_the_acdc_recipe():
+    generic = parser_for("train.yaml")
+    acdc = parser_for("train.yaml", "acdc.yaml")
+    assert (generic["num_points"], generic["max_epochs"], generic["decoder_channels"]) == (12544, 1000, None)
+    assert (acdc["num_points"], acdc["max_epochs"], acdc["decoder_channels"]) == (32768, 500, [256, 128, 128])
+    loss = acdc.get_parsed_content("loss")
+    assert loss.num_points == 32768 and loss.matcher.num_points == 32768 and loss.box_key == "prompt_boxes"
+    assert generic.get_parsed_content("loss").num_points == 12544
+    # acdc.yaml repeats nothing train.yaml already says.
+    acdc_only = ConfigParser.load_config_file(str(CONFIGS / "acdc.yaml"))
+    for key, value in acdc_only.items():
+        assert generic[key] != value, f"acdc.yaml repeats train.yaml's {key}: {value}"
+
+
+@pytest.mark.parametrize("preset", ["acdc.yaml", "synapse.yaml", "amos.yaml"])
+def test_preset_decoder_widths_are_the_release_widths_for_their_stage_count(preset):
+    parser = parser_for("train.yaml", preset)
+    side, up = parser["patch_size"][0], parser["sam_upsample"]
+    grid = side * up // 16  # ViT embedding grid
+    stages = int(math.log2(side / grid))
+    assert list(parser["decoder_channels"]) == list(default_decoder_channels(stages))
+    assert len(parser["decoder_channels"]) == stages + 1
+    if preset == "amos.yaml":
+        loss = parser.get_parsed_content("loss")
+        assert loss.weights["loss_mask_bce"] == 1.2 and loss.weights["loss_mask_dice"] == 1.2
+
+
+def _blocky_label(generator: torch.Generator) -> torch.Tensor:
+    coarse = torch.randint(0, 4, (1, 1, 8, 8, 4), generator=generator).float()
+    return F.interpolate(coarse, size=(64, 64, 4), mode="nearest")
+
+
+@pytest.mark.parametrize("step", sorted(ABLATION))
+def test_ablation_overlay_builds_its_switches_and_trains_one_iteration(step):
+    """Each overlay on the tiny preset: the network has the step's prompts, adapters and depth embeddings,
+    and one SGD iteration of the configured loss gives every trainable parameter a gradient."""
+    prompt_mode, image_kind, prompt_kind, depth_pos_embed = ABLATION[step]
+    parser = parser_for("train.yaml", "tiny.yaml", f"ablation/{step}.yaml")
+    parser["num_points"] = 2048  # fewer sampled pixels: the switches, not the sampling, are under test
+    assert parser.get_parsed_content("model_settings")["prompt_mode"] == prompt_mode
+    torch.manual_seed(0)
+    net, loss_fn, optimizer = (parser.get_parsed_content(k) for k in ("network", "loss", "optimizer"))
+
+    assert net.prompt_mode == prompt_mode
+    assert (net.prompt_generator.box_head is None) == (prompt_mode == "mask")
+    encoder_adapter = net.image_encoder.blocks[0].attn_adapter
+    decoder_layer = net.decoder.transformer.layers[0]
+    for adapter in (encoder_adapter, decoder_layer.image_adapter):
+        if image_kind == "dconv":
+            assert isinstance(adapter, DConvAdapter)
+        else:
+            assert isinstance(adapter, SliceFolded) and adapter.adapter.placement == PLACEMENT[image_kind]
+    assert decoder_layer.self_attn_adapter.placement == PLACEMENT[prompt_kind]
+    assert (net.image_encoder.depth_embed is not None) == depth_pos_embed
+    assert (net.decoder.depth_pos_embed is not None) == depth_pos_embed
+    if step == "B1":  # no learnable box: nothing for a box loss to train
+        assert loss_fn.weights["loss_box_l1"] == loss_fn.weights["loss_box_giou"] == 0
+    if step == "B2":  # no mask prompt: the aux masks are not supervised
+        assert loss_fn.weights["loss_aux_bce"] == loss_fn.weights["loss_aux_dice"] == 0
+
+    gen = torch.Generator().manual_seed(0)
+    x, label = torch.randn(1, 1, 64, 64, 4, generator=gen), _blocky_label(gen)
+    net.train()
+    sets = net(x)
+    if prompt_mode == "mask_avg_box":
+        assert not torch.equal(sets["prompt_boxes"], sets["aux_boxes"])
+    else:
+        assert torch.equal(sets["prompt_boxes"], sets["aux_boxes"])
+    before = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+    loss = loss_fn(sets, label)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and loss.item() > 0
+    without_grad = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert without_grad == []  # DDP with find_unused_parameters=false works for every step
+    moved = sum(not torch.equal(b, p) for b, p in zip(before, optimizer.param_groups[0]["params"]))
+    assert moved > 0.5 * len(before)
+
+
+def test_training_vit_b_without_sam_checkpoint_stops_before_any_work(tmp_path, acdc_dir):
+    out, models = tmp_path / "out", tmp_path / "models"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           "['configs/train.yaml','configs/acdc.yaml']", "--dataset_dir", str(acdc_dir),
+           "--output_dir", str(out), "--ckpt_dir", str(models)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env)
+    elapsed = time.monotonic() - start
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "sam_checkpoint" in log and "sam_vit_b_01ec64.pth" in log and "allow_random_sam" in log, log[-3000:]
+    # Refused before the output folders, the data and the network: nothing was created, no case was loaded.
+    assert not out.exists() and not models.exists()
+    assert "Loading dataset" not in log and "SupervisedTrainer" not in log
+    print(f"refused after {elapsed:.1f} s (interpreter and MONAI start-up included)")
+
+
+def test_inference_yaml_builds_the_network_an_ablation_overlay_trains():
+    """A model trained with an overlay loads into inference.yaml's network with the same overlay."""
+    overlay = "ablation/B1.yaml"
+    trained = parser_for("train.yaml", "tiny.yaml", overlay).get_parsed_content("network_def")
+    served = parser_for("inference.yaml", "tiny.yaml", overlay).get_parsed_content("network_def")
+    served.load_state_dict(trained.state_dict(), strict=True)
+    assert served.prompt_mode == "mask" and served.prompt_generator.box_head is None
+    for preset in ("acdc.yaml", "synapse.yaml", "amos.yaml"):  # presets overlay inference.yaml too
+        assert parser_for("inference.yaml", preset)["decoder_channels"] is not None
+    full = parser_for("inference.yaml", "tiny.yaml").get_parsed_content("network_def")
+    with pytest.raises(RuntimeError, match="box_head"):
+        full.load_state_dict(trained.state_dict(), strict=True)
