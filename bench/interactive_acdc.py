@@ -179,9 +179,10 @@ def render(data: Dict) -> str:
     return "\n".join(lines)
 
 
-def restrict(data: Dict, patients: int) -> Dict:
-    """A results JSON cut to its first ``patients`` patients (summary recomputed; timings and propagation dropped)."""
-    keep = data["patients"][:patients]
+def restrict(data: Dict, patients: Optional[int], skip: int = 0) -> Dict:
+    """A results JSON cut to its first ``patients`` patients after the first ``skip`` (e.g. those a rule was tuned
+    on); summary recomputed, timings and propagation dropped."""
+    keep = data["patients"][skip:][:patients]
     records = [r for r in data["records"] if r["case"].split("_")[0] in keep]
     return {**data, "patients": keep, "volumes": len({r["case"] for r in records}), "records": records,
             "summary": summarise(records, data["args"]["max_clicks"]), "propagation_dice_3d": {},
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", type=Path, default=ACDC_DIR)
     ap.add_argument("--patients", type=int, default=None, help="first N validation patients (default: all)")
+    ap.add_argument("--skip-patients", type=int, default=0,
+                    help="with --report: leave out the first N patients (e.g. those a rule was tuned on)")
     ap.add_argument("--frames", default="frame01,frame02", help="which frames of each patient")
     ap.add_argument("--slices", type=int, default=None, help="at most this many slices per volume (central ones)")
     ap.add_argument("--structures", default="RV,Myo,LV")
@@ -235,8 +238,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         results = [json.loads(Path(p).read_text()) for p in args.report]
-        if args.patients is not None:  # compare runs on the same patients: summaries recomputed from the records
-            results = [restrict(r, args.patients) for r in results]
+        if args.patients is not None or args.skip_patients:  # same patients: summaries recomputed from the records
+            results = [restrict(r, args.patients, args.skip_patients) for r in results]
         print("\n\n".join(render(r) for r in results))
         return 0
     torch.set_grad_enabled(False)

@@ -1,6 +1,7 @@
 """Prompt-only assist (scripts.prompt_assist): LiteMedSAM exactness, frames, embedding cache, propagation,
 the trained path's shapes, and the simulated-annotator benchmark at smoke size."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -319,3 +320,25 @@ def test_zero_shot_myocardium_box_gives_the_ring(zero_shot, acdc_dir):
 
     assert pred.ring and not off.ring
     assert dice(pred) > 0.85 and dice(off) < 0.1, (dice(pred), dice(off))
+
+
+def test_interactive_report_leaves_out_the_tuning_patients(tmp_path, capsys, monkeypatch):
+    """``--report --skip-patients N`` recomputes the tables without the first N patients (held-out figures)."""
+    def record(case, structure, box):
+        return {"case": case, "z": 0, "structure": structure, "area": 10, "box": [box] * 3, "clicks": [0.5] * 5}
+    data = {"environment": {}, "args": {"max_clicks": 5, "mask_prompt": "off"}, "mode": "zero-shot",
+            "patients": ["patientA", "patientB"], "volumes": 2, "elapsed_s": 1.0, "propagation_dice_3d": {"LV": 0.5},
+            "seconds_per_interaction": {}, "summary": {},
+            "records": [record("patientA_frame01", "LV", 0.2), record("patientB_frame01", "LV", 0.8),
+                        record("patientB_frame01", "LV", 0.6)]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))  # the script's own `common` import
+    spec = importlib.util.spec_from_file_location("interactive_acdc", REPO_ROOT / "bench" / "interactive_acdc.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--report", str(path), "--skip-patients", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 volumes of 1 validation patients (patientB)" in out
+    assert "| LV | 2 | 0.700 | 0.700 | 0.700 |" in out  # patientA's 0.2 left out
+    assert "propagated" not in out  # whole-run figures are not passed off as the subset's
