@@ -13,8 +13,13 @@ box (if any) and all clicks so far; with ``--mask-prompt on`` the previous round
 mask prompt too (SAM's own interactive loop). Reported per structure: Dice after the box, box + 1, box + 2 clicks;
 Dice after 1, 3, 5 clicks; NoC@85 / NoC@90 (clicks needed to reach that Dice, ``--max-clicks`` when never
 reached, RITM's convention) and the share of structures that never reach it; seconds per interaction (the first
-on a slice runs the image encoder, the later ones hit the embedding cache); and the 3D Dice of one box on the
-structure's largest slice propagated through the volume.
+on a slice runs the image encoder, the later ones hit the embedding cache; a zero-shot click round with a box
+reuses that box's decode and runs no decoder pass); and the 3D Dice of one box on the structure's largest slice
+propagated through the volume.
+
+The assist's rules are the defaults of ``PromptAssist`` (tight-box ring rule, click edits, zero-shot clicks with a
+box not decoded); ``--ring-rule off``, ``--click-edits off``, ``--decode-clicks on`` measure without them. Every
+embedding of a volume stays cached while its structures and protocols run (512 MiB, about 128 slices).
 
     python bench/interactive_acdc.py --json bench/results/interactive_acdc_zero_shot.json
     python bench/interactive_acdc.py --patients 1 --slices 1 --max-clicks 3 --json /tmp/i.json    # smoke size
@@ -83,10 +88,12 @@ class Annotator:
         self.assist, self.key, self.volume, self.mask_prompt, self.timings = assist, key, volume, mask_prompt, timings
 
     def _predict(self, z: int, box, fg, bg, previous):
-        start = time.perf_counter()
+        start, decodes = time.perf_counter(), self.assist.decoder_runs
         pred = self.assist.predict_slice(self.key, self.volume, z, box=box, foreground=fg, background=bg,
                                          mask_prompt=previous if self.mask_prompt else None)
-        self.timings["encoder+decoder" if pred.encoded else "decoder (cached)"].append(time.perf_counter() - start)
+        kind = ("encoder+decoder" if pred.encoded else "decoder (cached)" if self.assist.decoder_runs > decodes
+                else "no decoder pass (box decode reused)")
+        self.timings[kind].append(time.perf_counter() - start)
         return pred
 
     def run(self, z: int, truth: np.ndarray, box, first_click: bool, clicks: int, stop_at: float,
@@ -148,7 +155,9 @@ def render(data: Dict) -> str:
     env, a = data["environment"], data["args"]
     lines = [f"Mode: {data['mode']}; {data['volumes']} volumes of {len(data['patients'])} validation patients "
              f"({', '.join(data['patients'])}); mask prompt from the previous round: {a['mask_prompt']}; candidate "
-             f"selection by clicks: {a.get('click_selection', 'on')}; at most "
+             f"selection by clicks: {a.get('click_selection', 'on')}; tight-box ring rule: {a.get('ring_rule', 'off')}; "
+             f"click edits: {a.get('click_edits', 'off')}; clicks with a box decoded: "
+             f"{a.get('decode_clicks', 'on (older run)')}; at most "
              f"{a['max_clicks']} clicks. Machine: {env.get('cpu_model')}, {env.get('cpu_count')} cores, "
              f"{env.get('torch_threads')} torch threads, load average at start {env.get('load_avg_1_5_15')} "
              f"(shared); {env.get('date_utc')}; run took {data['elapsed_s']} s.", "",
@@ -170,9 +179,10 @@ def render(data: Dict) -> str:
     return "\n".join(lines)
 
 
-def restrict(data: Dict, patients: int) -> Dict:
-    """A results JSON cut to its first ``patients`` patients (summary recomputed; timings and propagation dropped)."""
-    keep = data["patients"][:patients]
+def restrict(data: Dict, patients: Optional[int], skip: int = 0) -> Dict:
+    """A results JSON cut to its first ``patients`` patients after the first ``skip`` (e.g. those a rule was tuned
+    on); summary recomputed, timings and propagation dropped."""
+    keep = data["patients"][skip:][:patients]
     records = [r for r in data["records"] if r["case"].split("_")[0] in keep]
     return {**data, "patients": keep, "volumes": len({r["case"] for r in records}), "records": records,
             "summary": summarise(records, data["args"]["max_clicks"]), "propagation_dice_3d": {},
@@ -204,6 +214,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", type=Path, default=ACDC_DIR)
     ap.add_argument("--patients", type=int, default=None, help="first N validation patients (default: all)")
+    ap.add_argument("--skip-patients", type=int, default=0,
+                    help="with --report: leave out the first N patients (e.g. those a rule was tuned on)")
     ap.add_argument("--frames", default="frame01,frame02", help="which frames of each patient")
     ap.add_argument("--slices", type=int, default=None, help="at most this many slices per volume (central ones)")
     ap.add_argument("--structures", default="RV,Myo,LV")
@@ -212,6 +224,12 @@ def main(argv=None) -> int:
                     help="previous round's logits as mask prompt (SAM's loop); see the docs for both measured")
     ap.add_argument("--click-selection", choices=("on", "off"), default="on",
                     help="keep the decoder candidate that honours most clicks (on) or SAM's plain choice (off)")
+    ap.add_argument("--ring-rule", choices=("on", "off"), default="on",
+                    help="tight-box ring rule: a mask clear of all four box sides is a ring's hole (PromptAssist)")
+    ap.add_argument("--click-edits", choices=("on", "off"), default="on",
+                    help="apply each click the chosen mask contradicts as a local edit (PromptAssist)")
+    ap.add_argument("--decode-clicks", choices=("auto", "on", "off"), default="auto",
+                    help="give clicks that come with a box to the decoder (auto: only a trained model)")
     ap.add_argument("--checkpoint", default=None, help="a trained model.pt: benchmark the trained prompt path")
     ap.add_argument("--config", nargs="+", default=[str(BUNDLE_ROOT / "configs" / "inference.yaml")])
     ap.add_argument("--no-propagation", action="store_true")
@@ -220,8 +238,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         results = [json.loads(Path(p).read_text()) for p in args.report]
-        if args.patients is not None:  # compare runs on the same patients: summaries recomputed from the records
-            results = [restrict(r, args.patients) for r in results]
+        if args.patients is not None or args.skip_patients:  # same patients: summaries recomputed from the records
+            results = [restrict(r, args.patients, args.skip_patients) for r in results]
         print("\n\n".join(render(r) for r in results))
         return 0
     torch.set_grad_enabled(False)
@@ -235,19 +253,22 @@ def main(argv=None) -> int:
         items = [e for e in items if Path(e["image"]).name.split("_")[0] in patients]
     structures = {n: STRUCTURES[n] for n in args.structures.split(",")}
 
-    select = args.click_selection == "on"
+    rules = dict(select_by_clicks=args.click_selection == "on", ring_rule=args.ring_rule == "on",
+                 click_edits=args.click_edits == "on",
+                 decode_clicks=None if args.decode_clicks == "auto" else args.decode_clicks == "on")
     if args.checkpoint:
         net, intensity = load_trained(args.checkpoint, args.config)
-        assist, mode = PromptAssist(net, trained=True, select_by_clicks=select), "trained"
+        assist, mode = PromptAssist(net, trained=True, **rules), "trained"
     else:
         net, intensity = zero_shot_network(), None
-        assist = PromptAssist(net, trained=False, select_by_clicks=select)
+        assist = PromptAssist(net, trained=False, **rules)
         mode = "zero-shot (LiteMedSAM, adapters at zero)"
     log(f"interactive_acdc: {mode}; {len(items)} volumes of {len(patients)} patients; mask prompt {args.mask_prompt}")
 
     started = time.time()
     env = dict(environment(), cpu_model=cpu_model_name())
-    timings: Dict[str, List[float]] = {"encoder+decoder": [], "decoder (cached)": []}
+    timings: Dict[str, List[float]] = {"encoder+decoder": [], "decoder (cached)": [],
+                                       "no decoder pass (box decode reused)": []}
     records: List[Dict] = []
     propagation: List[Dict] = []
     for item in items:

@@ -20,6 +20,17 @@ click costs one decoder pass. A round's low-resolution logits are the mask promp
 slice (SAM's own interactive loop), and :meth:`PromptAssist.propagate` carries a structure from one slice to
 its neighbours (box of the neighbour's mask + its logits as mask prompt) until the structure ends.
 
+Two rules make a box-trained decoder (LiteMedSAM) useful beyond filled blobs, both on by default:
+
+* **tight-box ring rule** (:func:`ring_logits`): an annotator's box is tight, so the structure touches all four
+  sides. A decoded mask that stays clear of every side by more than ``ring_clearance`` of the box's extent is the
+  *hole* of a ring-shaped structure (LiteMedSAM returns the LV cavity for the myocardium's box; none of its 4 mask
+  tokens gives the filled disk), so the structure is the ellipse inscribed in the box minus that hole.
+* **clicks as local edits** (:func:`click_edit`): a click the chosen mask contradicts adds (foreground) or removes
+  (background) the voxels around it that look like the clicked voxel, within its distance to the mask's boundary.
+  Zero-shot, clicks reach only these edits and the candidate choice, not the decoder: LiteMedSAM was trained with
+  boxes only, from a click alone all 4 of its outputs are empty, and with a box clicks pull its mask away.
+
 Coordinates: a volume is ``(C, X, Y, Z)`` as MONAI loads it; a click is ``(i, j, z)`` voxel indices; within a
 slice the SAM frame's ``x`` runs along ``j`` (columns, Y) and ``y`` along ``i`` (rows, X), as in
 ``scripts.interactive`` and ``scripts.box_ops``.
@@ -35,6 +46,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 __all__ = [
     "LITE_MEDSAM_SIDE",
@@ -43,13 +55,18 @@ __all__ = [
     "SliceFrame",
     "SlicePrediction",
     "VolumePrediction",
+    "box_clearance",
+    "click_edit",
+    "inscribed_ellipse",
     "lite_medsam_input",
+    "ring_logits",
     "tight_box",
     "zero_shot_network",
 ]
 
 LITE_MEDSAM_SIDE = 256  # LiteMedSAM's input frame (pixels)
 NO_OBJECT_LOGIT = -20.0  # logit given to voxels a frame does not cover
+EDIT_LOGIT = 10.0  # |logit| of voxels a click edit sets (sure, but below the frame's "no object")
 
 
 # --------------------------------------------------------------------------------------------- frames
@@ -189,11 +206,13 @@ class SlicePrediction:
     """One structure on one slice."""
 
     z: int
-    logits: torch.Tensor  # (H, W) mask logits on the slice's voxels
-    lowres: torch.Tensor  # (L, L) decoder logits over the frame: the next round's mask prompt
+    logits: torch.Tensor  # (H, W) mask logits on the slice's voxels (after the ring rule and click edits)
+    lowres: torch.Tensor  # (L, L) decoder logits over the frame (before them): the next round's mask prompt
     iou: float  # the decoder's predicted IoU of the chosen mask
     frame: SliceFrame
     encoded: bool = False  # True when this call ran the image encoder (cache miss)
+    ring: bool = False  # True when the tight-box ring rule turned the decoded mask into a ring
+    edits: int = 0  # clicks applied as local edits
 
     @property
     def mask(self) -> torch.Tensor:
@@ -238,6 +257,78 @@ def tight_box(mask: torch.Tensor) -> Optional[Tuple[Tuple[int, int], Tuple[int, 
     return (lo[0], lo[1]), (hi[0], hi[1])
 
 
+# --------------------------------------------------------------------------------------------- ring rule, edits
+Box = Tuple[Sequence[int], Sequence[int]]
+
+
+def box_clearance(mask: torch.Tensor, box: Box, slack: int = 0) -> float:
+    """How far a ``(H, W)`` mask stays from the sides of the inclusive voxel ``box``: the smallest of the four gaps
+    between the mask's bounding box and the box's sides, less ``slack`` voxels (a box known to be that much loose),
+    as a fraction of the box's extent along that axis. 0 when the mask touches a side, negative when it crosses
+    one, ``-inf`` for an empty mask."""
+    inner = tight_box(mask)
+    if inner is None:
+        return float("-inf")
+    (i0, j0), (i1, j1) = box
+    (a0, b0), (a1, b1) = inner
+    h, w = i1 - i0 + 1, j1 - j0 + 1
+    return min((a0 - i0 - slack) / h, (b0 - j0 - slack) / w, (i1 - a1 - slack) / h, (j1 - b1 - slack) / w)
+
+
+def inscribed_ellipse(shape: Tuple[int, int], box: Box, slack: int = 0) -> torch.Tensor:
+    """``(H, W)`` bool: the ellipse inscribed in the inclusive voxel ``box`` shrunk by ``slack`` voxels per side."""
+    (i0, j0), (i1, j1) = box
+    ci, cj = (i0 + i1) / 2, (j0 + j1) / 2
+    ri, rj = max(0.5, (i1 - i0 + 1) / 2 - slack), max(0.5, (j1 - j0 + 1) / 2 - slack)
+    ii = torch.arange(shape[0], dtype=torch.float32)[:, None]
+    jj = torch.arange(shape[1], dtype=torch.float32)[None, :]
+    return ((ii - ci) / ri) ** 2 + ((jj - cj) / rj) ** 2 <= 1.0
+
+
+def ring_logits(logits: torch.Tensor, box: Box, slack: int = 0, min_clearance: float = 0.05
+                ) -> Optional[torch.Tensor]:
+    """The tight-box ring rule on ``(H, W)`` mask logits decoded from ``box``.
+
+    A tight box's structure touches all four sides. When the decoded mask stays clear of every side by more than
+    ``min_clearance`` of the box's extent (:func:`box_clearance`), it is the hole of a ring, and the structure is
+    the ellipse inscribed in the box minus the hole: returns those logits (the decoder's own soft boundary at the
+    hole). ``None`` when the rule does not apply (the mask reaches a side, or is empty).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"ring_logits expects (H, W) logits, got shape {tuple(logits.shape)}")
+    if box_clearance(logits > 0, box, slack) <= min_clearance:
+        return None
+    outer = inscribed_ellipse(tuple(logits.shape), box, slack)
+    return torch.minimum(-logits, torch.where(outer, -NO_OBJECT_LOGIT, NO_OBJECT_LOGIT))
+
+
+def click_edit(mask: torch.Tensor, image: torch.Tensor, click: Sequence[int], tolerance: float = 1.0
+               ) -> torch.Tensor:
+    """``(H, W)`` bool region a click adds to (clicked outside) or removes from (clicked inside) a ``(H, W)`` mask.
+
+    The region is the voxels connected to the click that lie within its distance to the mask's boundary (a
+    corrective click sits inside the error it corrects, whose extent there is at most that distance) and whose
+    intensities in ``image (C, H, W)`` differ from the clicked voxel's by at most ``tolerance`` standard deviations
+    of the intensities inside the mask, per channel. Empty when the mask is empty (no scale to edit at).
+    """
+    if image.ndim != 3 or tuple(image.shape[1:]) != tuple(mask.shape):
+        raise ValueError(f"click_edit expects image (C, H, W) over the mask's {tuple(mask.shape)}, "
+                         f"got {tuple(image.shape)}")
+    m = mask.numpy().astype(bool)
+    i, j = int(click[0]), int(click[1])
+    if not m.any() or not (0 <= i < m.shape[0] and 0 <= j < m.shape[1]):
+        return torch.zeros_like(mask, dtype=torch.bool)
+    inside = bool(m[i, j])
+    reach = max(1.5, float(ndimage.distance_transform_edt(m if inside else ~m)[i, j]))
+    x = image.float().numpy()
+    spread = x[:, m].std(axis=1) if m.sum() > 1 else x.reshape(len(x), -1).std(axis=1)
+    similar = (np.abs(x - x[:, i, j, None, None]) <= tolerance * np.maximum(spread, 1e-6)[:, None, None]).all(0)
+    ii, jj = np.ogrid[: m.shape[0], : m.shape[1]]
+    candidate = similar & ((ii - i) ** 2 + (jj - j) ** 2 <= reach**2)
+    labels, _ = ndimage.label(candidate)
+    return torch.from_numpy(labels == labels[i, j])
+
+
 class PromptAssist:
     """Box/click segmentation of one structure through MaskSAM's prompt path, with cached embeddings.
 
@@ -248,21 +339,35 @@ class PromptAssist:
             on the bundle's preprocessed volume.
         cache: the embedding cache (a private 512 MiB one by default).
         select_by_clicks: among the decoder's candidate masks (its multimask outputs when asked for, and the box
-            alone when a box comes with clicks) keep the one that honours the most clicks (foreground inside,
-            background outside), then the highest predicted IoU. Off: SAM's plain choice.
+            alone when a box comes with decoded clicks) keep the one that honours the most clicks (foreground
+            inside, background outside), then the highest predicted IoU. Off: SAM's plain choice.
+        ring_rule: apply the tight-box ring rule (:func:`ring_logits`) to every candidate decoded from a box.
+        ring_clearance: the rule's threshold: the mask's smallest gap to a box side, as a fraction of the box.
+        click_edits: apply each click the chosen mask contradicts as a local edit (:func:`click_edit`).
+        edit_tolerance: the edits' intensity tolerance in standard deviations of the mask's intensities.
+        decode_clicks: give clicks to the decoder when a box is there too; default: only a trained model
+            (LiteMedSAM was trained with boxes only). Without a box, clicks are always decoded.
     """
 
     def __init__(self, net: torch.nn.Module, trained: bool, cache: Optional[EmbeddingCache] = None,
-                 select_by_clicks: bool = True) -> None:
+                 select_by_clicks: bool = True, ring_rule: bool = True, ring_clearance: float = 0.05,
+                 click_edits: bool = True, edit_tolerance: float = 1.0, decode_clicks: Optional[bool] = None
+                 ) -> None:
         if not trained and (net.backbone != "lite_medsam" or net.num_slices != 1):
             raise ValueError("zero-shot assist needs MaskSAM on lite_medsam with num_slices=1 (zero_shot_network()), "
                              f"got backbone={net.backbone!r}, num_slices={net.num_slices}")
         self.net = net.eval()
         self.trained = trained
         self.select_by_clicks = select_by_clicks
+        self.ring_rule, self.ring_clearance = ring_rule, float(ring_clearance)
+        self.click_edits, self.edit_tolerance = click_edits, float(edit_tolerance)
+        self.decode_clicks = trained if decode_clicks is None else bool(decode_clicks)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.encoder_runs = 0
+        self.decoder_runs = 0
         self.device = next(net.parameters()).device
+        # The last box-only decodes (256 KiB each): a click round that does not reach the decoder reuses its box's.
+        self._box_decodes: "OrderedDict[Hashable, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
 
     # ------------------------------------------------------------------ embeddings
     def _zero_shot_embedding(self, key: Hashable, volume: torch.Tensor, z: int):
@@ -314,6 +419,7 @@ class PromptAssist:
         background: Optional[Sequence[Sequence[float]]] = None,
         mask_prompt: Optional[SlicePrediction] = None,
         multimask: Optional[bool] = None,
+        box_slack: Optional[int] = 0,
     ) -> SlicePrediction:
         """Segment one structure on slice ``z`` from a box and/or clicks.
 
@@ -327,6 +433,8 @@ class PromptAssist:
                 prompt (ignored if it was made in another frame).
             multimask: choose among SAM's 3 multimask outputs by predicted IoU; default: only for a single click
                 without box or mask prompt (SAM's rule for ambiguous prompts).
+            box_slack: voxels by which ``box`` is known to be loose on each side (0: an annotator's tight box);
+                ``None``: the box is not a structure's box at all (e.g. spanned by clicks), no ring rule.
         """
         volume = torch.as_tensor(volume)
         if volume.ndim != 4:
@@ -351,8 +459,9 @@ class PromptAssist:
         boxes = None
         if box is not None:
             boxes = frame.box(box[0], box[1]).reshape(1, 1, 1, 4).expand(1, d, 1, 4).to(self.device)
+        decode_points = len(fg) + len(bg) > 0 and (self.decode_clicks or box is None)
         points = None
-        if len(fg) + len(bg):
+        if decode_points:
             coords = frame.points(torch.cat([fg, bg])).to(self.device)
             labels = torch.cat([torch.ones(len(fg)), torch.zeros(len(bg))]).to(self.device)
             points = (coords[None].expand(d, -1, -1), labels[None].expand(d, -1))
@@ -361,26 +470,62 @@ class PromptAssist:
             masks_in = mask_prompt.lowres.reshape(1, 1, 1, 4 * g, 4 * g).expand(1, d, 1, 4 * g, 4 * g).to(self.device)
         if multimask is None:
             multimask = box is None and masks_in is None and len(fg) + len(bg) == 1
-        masks, iou = self.net.decode_prompts(embedding, 1, boxes=boxes, points=points, mask_prompt=masks_in)
-        masks, iou = masks[0, local, 0].float().cpu(), iou[0, local, 0].float().cpu()  # (4, L, L), (4,)
+        box_only = (key, z, frame, tuple(box[0]), tuple(box[1])) if box is not None and masks_in is None else None
+        if points is None and box_only is not None:
+            masks, iou = self._decode_box(box_only, embedding, boxes, local)
+        else:
+            masks, iou = self.net.decode_prompts(embedding, 1, boxes=boxes, points=points, mask_prompt=masks_in)
+            self.decoder_runs += 1
+            masks, iou = masks[0, local, 0].float().cpu(), iou[0, local, 0].float().cpu()  # (4, L, L), (4,)
         candidates = [(m, float(iou[m])) for m in ((1, 2, 3) if multimask else (0,))]
         lowres_all = [masks]
-        if self.select_by_clicks and len(fg) + len(bg) and box is not None:
+        if self.select_by_clicks and decode_points and box is not None:
             # The box alone is a candidate too: a decoder trained on boxes only (LiteMedSAM) can be misled by
             # clicks, and a click is ground truth at its voxel, so the candidate that honours most clicks wins.
-            alone, alone_iou = self.net.decode_prompts(embedding, 1, boxes=boxes)
-            lowres_all.append(alone[0, local, 0].float().cpu())
-            candidates.append((4, float(alone_iou[0, local, 0, 0])))
-        flat = torch.cat(lowres_all)  # (4 or 8, L, L): index 4 = the box-only single-mask output
+            alone, alone_iou = self._decode_box(box_only, embedding, boxes, local)
+            lowres_all.append(alone[:1])
+            candidates.append((4, float(alone_iou[0])))
+        flat = torch.cat(lowres_all)  # (4 or 5, L, L): index 4 = the box-only single-mask output
+        ring_box = self.ring_rule and box is not None and box_slack is not None
         best, best_score = None, None
         for index, predicted_iou in candidates:
             logits = frame.to_slice(flat[index])
+            ring = ring_logits(logits, box, box_slack, self.ring_clearance) if ring_box else None
+            logits = logits if ring is None else ring
             score = (_clicks_honoured(logits > 0, fg, bg) if self.select_by_clicks else 0, predicted_iou)
             if best_score is None or score > best_score:
-                best, best_score = (index, logits, predicted_iou), score
-        index, logits, predicted_iou = best
+                best, best_score = (index, logits, predicted_iou, ring is not None), score
+        index, logits, predicted_iou, is_ring = best
+        edits = 0
+        if self.click_edits and len(fg) + len(bg):
+            image = volume[:, :, :, z].float()
+            for click, positive in [(c, True) for c in fg.round().long().tolist()] + \
+                                   [(c, False) for c in bg.round().long().tolist()]:
+                mask = logits > 0
+                if not (0 <= click[0] < mask.shape[0] and 0 <= click[1] < mask.shape[1]) or \
+                        bool(mask[click[0], click[1]]) == positive:
+                    continue  # outside the slice, or the mask already agrees with this click
+                region = click_edit(mask, image, click, self.edit_tolerance)
+                logits = torch.where(region, torch.full_like(logits, EDIT_LOGIT if positive else -EDIT_LOGIT), logits)
+                edits += 1
         return SlicePrediction(z=z, logits=logits, lowres=flat[index], iou=predicted_iou, frame=frame,
-                               encoded=encoded)
+                               encoded=encoded, ring=is_ring, edits=edits)
+
+    def _decode_box(self, memo_key: Optional[Hashable], embedding: torch.Tensor, boxes: torch.Tensor, local: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Box-only decode ``(4, L, L), (4,)``, memoised per image, slice, frame and box (bounded, 64 entries)."""
+        hit = self._box_decodes.get(memo_key) if memo_key is not None else None
+        if hit is not None:
+            self._box_decodes.move_to_end(memo_key)
+            return hit
+        masks, iou = self.net.decode_prompts(embedding, 1, boxes=boxes)
+        self.decoder_runs += 1
+        out = (masks[0, local, 0].float().cpu(), iou[0, local, 0].float().cpu())
+        if memo_key is not None:
+            self._box_decodes[memo_key] = out
+            while len(self._box_decodes) > 64:
+                self._box_decodes.popitem(last=False)
+        return out
 
     # ------------------------------------------------------------------ 3D
     @torch.no_grad()
@@ -419,7 +564,7 @@ class PromptAssist:
                     break
                 lo = (max(0, box[0][0] - margin), max(0, box[0][1] - margin))
                 hi = (min(x - 1, box[1][0] + margin), min(y - 1, box[1][1] + margin))
-                pred = self.predict_slice(key, volume, z, box=(lo, hi), mask_prompt=previous)
+                pred = self.predict_slice(key, volume, z, box=(lo, hi), mask_prompt=previous, box_slack=margin)
                 area = int(pred.mask.sum())
                 if area == 0 or area < min_area_ratio * seed_area or pred.iou < min_iou:
                     break

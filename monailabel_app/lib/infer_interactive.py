@@ -244,13 +244,13 @@ class MaskSAMInteractiveTask(InferTask):
         seeds = []
         for z in slices if slices is not None else req.slices():
             fg, bg = req.clicks_on(z)
-            box = None
+            box, box_slack = None, 0
             if req.box is not None and req.box[0][2] <= z <= req.box[1][2]:
                 box = (tuple(req.box[0][:2]), tuple(req.box[1][:2]))
             elif not assist.trained and len(fg) >= 2:
-                box = self._box_of_clicks(fg, shape)
+                box, box_slack = self._box_of_clicks(fg, shape), None  # not the structure's tight box: no ring rule
             pred = assist.predict_slice(key, volume, z, box=box, foreground=fg, background=bg,
-                                        mask_prompt=self._mask_prompt(req, key, z, fg, bg, box))
+                                        mask_prompt=self._mask_prompt(req, key, z, fg, bg, box), box_slack=box_slack)
             self._rounds[(key, req.target, z)] = (fg, bg, box, pred)
             while len(self._rounds) > 256:
                 self._rounds.popitem(last=False)
