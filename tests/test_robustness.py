@@ -98,11 +98,10 @@ def train_in_process(data, out, **overrides):
     parser = parser_for(TRAIN_CONFIGS, **{**settings, **overrides})
     parser.get_parsed_content("setup")
     trainer = parser.get_parsed_content("train#trainer")
-    loss_fn = parser.get_parsed_content("loss")
     records = []
 
     def record(engine):
-        terms = {k: float(torch.as_tensor(v).detach()) for k, v in loss_fn.last_terms.items()}
+        terms = {k: float(v) for k, v in engine.state.output["loss_terms"].items()}
         records.append({"loss": float(engine.state.output["loss"].detach()), "grad_norm": engine.state.grad_norm, **terms})
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
