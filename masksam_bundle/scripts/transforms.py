@@ -24,6 +24,7 @@ from monai.transforms import (
 )
 
 from .cli import parse_flag
+from .loss.dataset_mapping import invalid_label_values
 
 
 def _filename(data: Mapping, key: Hashable) -> str:
@@ -99,9 +100,7 @@ class ValidateSampled(MapTransform):
                     f"{label_file} has\n{np.round(a_lab, 4)}"
                 )
             if self.num_classes is not None:
-                values = torch.unique(torch.as_tensor(label))
-                bad_values = [int(v) if v == int(v) else v for v in values.tolist()
-                              if v < 0 or v >= self.num_classes or v != int(v)]
+                bad_values = invalid_label_values(label, self.num_classes)
                 if bad_values:
                     raise ValueError(
                         f"{label_file}: label values {bad_values[:20]} are outside 0..{self.num_classes - 1} "
