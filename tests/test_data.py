@@ -12,7 +12,7 @@ from monai.transforms import Compose, NormalizeIntensityd
 from scripts import data as D
 from scripts.checkpointing import load_model_weights, prepare_training_output
 from scripts.inference import Predictor, write_label_nifti
-from scripts.io import atomic_torch_save, atomic_write, safe_torch_load
+from scripts.files import atomic_torch_save, atomic_write, safe_torch_load
 from scripts.synthetic import make_demo_dataset
 from scripts.transforms import deterministic_transforms
 

@@ -261,7 +261,7 @@ def test_checkpoint_of_another_k_or_backbone_names_the_mismatch(tmp_path):
 
 def test_failure_mid_write_keeps_previous_checkpoint_and_prediction(tmp_path, monkeypatch):
     from scripts.inference import write_label_nifti
-    from scripts.io import atomic_torch_save
+    from scripts.files import atomic_torch_save
 
     ck = tmp_path / "ck" / "checkpoint_last.pt"
     atomic_torch_save({"iteration": torch.tensor(2)}, str(ck))

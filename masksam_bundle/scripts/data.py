@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 from monai.data import load_decathlon_datalist
 
-from scripts.io import atomic_write_text
+from scripts.files import atomic_write_text
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 FILE_KEYS = ("image", "label")

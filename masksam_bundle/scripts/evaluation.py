@@ -27,7 +27,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from scripts.cli import parse_flag
 from scripts.data import strip_nifti_suffix
-from scripts.io import atomic_write, atomic_write_text, ensure_writable_dir
+from scripts.files import atomic_write, atomic_write_text, ensure_writable_dir
 
 logger = logging.getLogger("masksam.evaluate")
 

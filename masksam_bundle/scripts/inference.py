@@ -21,7 +21,7 @@ import torch
 from scripts.checkpointing import load_model_weights
 from scripts.cli import describe_error, parse_flag
 from scripts.data import strip_nifti_suffix
-from scripts.io import atomic_write, ensure_writable_dir
+from scripts.files import atomic_write, ensure_writable_dir
 from scripts.precision import autocast
 
 logger = logging.getLogger("masksam.inference")

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from scripts.checkpointing import check_state_dict
-from scripts.io import atomic_torch_save, atomic_write_text, ensure_writable_dir, safe_torch_load
+from scripts.files import atomic_torch_save, atomic_write_text, ensure_writable_dir, safe_torch_load
 
 __all__ = [
     "MANIFEST",

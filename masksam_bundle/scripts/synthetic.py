@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 import nibabel as nib
 import numpy as np
 
-from scripts.io import atomic_write, atomic_write_text
+from scripts.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger("masksam.synthetic")
 
