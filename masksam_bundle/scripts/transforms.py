@@ -38,7 +38,7 @@ def _affine(data: Mapping, key: Hashable) -> Optional[np.ndarray]:
     return None if affine is None else np.asarray(affine, dtype=np.float64)
 
 
-class ValidateSampled(MapTransform):
+class CheckLoadedCased(MapTransform):
     """Check one loaded case (channel-first) and raise errors that name the files.
 
     - image must be 3D with ``in_channels`` channels (a 2D image or a wrong channel count is refused);
@@ -141,8 +141,8 @@ class NamedLoadImaged(LoadImaged):
         self._loader = _NamedLoader(self._loader)
 
 
-class SafeSpacingd(Spacingd):
-    """``Spacingd`` that ignores non-dict entries named ``<key>_*``.
+class SpacingIgnoringPathsd(Spacingd):
+    """``Spacingd`` that ignores non-dict entries named ``<key>_*`` (a workaround for MONAI Label's ``image_path``).
 
     With monai 1.6.1, ``Spacingd`` copies the resampled image's metadata into every data key that starts with
     ``"<key>_"`` (meant for ``image_meta_dict``). MONAI Label puts the image's file path, a string, under
@@ -194,13 +194,13 @@ def deterministic_transforms(
     xforms: List = [
         NamedLoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
-        ValidateSampled("image", label_key, num_classes=num_classes, in_channels=in_channels,
+        CheckLoadedCased("image", label_key, num_classes=num_classes, in_channels=in_channels,
                         fix_nonfinite=fix_nonfinite),
     ]
     if orientation:
         xforms.append(Orientationd(keys=keys, axcodes=orientation))
     if pixdim:
-        xforms.append(SafeSpacingd(keys=keys, pixdim=list(pixdim), mode=image_only_modes))
+        xforms.append(SpacingIgnoringPathsd(keys=keys, pixdim=list(pixdim), mode=image_only_modes))
     if intensity is not None:
         xforms.append(intensity)
     xforms.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
