@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
 
 Point = Sequence[float]
 
@@ -98,14 +99,14 @@ def voxel_to_frame(i: torch.Tensor, j: torch.Tensor, image_size: int, sam_size: 
 
 
 def window_starts(size: int, window: int, overlap: float) -> List[int]:
-    """Start indices of sliding windows of ``window`` covering ``size`` (``size >= window``), MONAI style."""
+    """Start indices along one axis of the windows MONAI's ``sliding_window_inference`` visits: its scan
+    interval ``max(int(window * (1 - overlap)), 1)``, the last window flush with the end, one window when
+    ``size <= window`` (MONAI pads the axis to the window). The one home of this rule (``bench/speed_memory.py``
+    counts windows with it); the enumeration is MONAI's ``dense_patch_slices``."""
     if size <= window:
         return [0]
-    stride = max(1, int(window * (1.0 - overlap)))
-    starts = list(range(0, size - window + 1, stride))
-    if starts[-1] != size - window:
-        starts.append(size - window)
-    return starts
+    interval = max(int(window * (1.0 - overlap)), 1)
+    return [int(axis.start) for (axis,) in dense_patch_slices((size,), (window,), (interval,))]
 
 
 def depth_windows(slices: Sequence[int], depth: int, num_slices: int) -> List[Tuple[int, List[int]]]:
