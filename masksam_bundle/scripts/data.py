@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 from monai.data import load_decathlon_datalist
 
-from scripts.files import atomic_write_text
+from .files import atomic_write_text
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 FILE_KEYS = ("image", "label")
@@ -233,6 +233,19 @@ def make_datalists(
         content = {"name": os.path.basename(os.path.abspath(folder)), "num_folds": num_folds, "seed": seed, **content}
         atomic_write_text(path, json.dumps(content, indent=2) + "\n")
     return list(outputs)
+
+
+__all__ = [
+    "strip_nifti_suffix",
+    "check_files_exist",
+    "load_datalist",
+    "parse_limit",
+    "list_images",
+    "inference_list",
+    "scan_nnunet_folder",
+    "kfold_splits",
+    "make_datalists",
+]
 
 
 if __name__ == "__main__":

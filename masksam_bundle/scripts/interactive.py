@@ -29,7 +29,7 @@ preprocessed space.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class Box:
     end: Tuple[int, int, int]
 
     @classmethod
-    def from_any(cls, box) -> Optional["Box"]:
+    def from_any(cls, box: Optional[Union["Box", Sequence[float], Sequence[Sequence[float]]]]) -> Optional["Box"]:
         """``Box``, ``[[i0, j0, z0], [i1, j1, z1]]`` or ``[i0, j0, z0, i1, j1, z1]``; ``None``/empty -> None."""
         if box is None or isinstance(box, Box):
             return box
@@ -141,7 +141,7 @@ def predict_target_mask(
     target: int,
     foreground: Optional[Sequence[Point]] = None,
     background: Optional[Sequence[Point]] = None,
-    box=None,
+    box: Optional[Union["Box", Sequence[float], Sequence[Sequence[float]]]] = None,
     overlap: float = 0.5,
     threshold: float = 0.5,
     batch_size: int = 2,
@@ -354,7 +354,7 @@ def correct_label(
     target: int,
     foreground: Optional[Sequence[Point]] = None,
     background: Optional[Sequence[Point]] = None,
-    box=None,
+    box: Optional[Union["Box", Sequence[float], Sequence[Sequence[float]]]] = None,
     protect_other_labels: bool = True,
     click_radius: int = 0,
     **kwargs,
@@ -393,3 +393,18 @@ def resample_nearest(volume, matrix: np.ndarray, out_shape: Sequence[int], fill=
     out = np.full(int(np.prod(out_shape)), fill, dtype=vol.dtype)
     out[inside] = vol[src[inside, 0], src[inside, 1], src[inside, 2]]
     return out.reshape(tuple(int(s) for s in out_shape))
+
+
+__all__ = [
+    "Box",
+    "CorrectionResult",
+    "voxel_to_frame",
+    "window_starts",
+    "depth_windows",
+    "predict_target_mask",
+    "apply_correction",
+    "correct_label",
+    "voxel_map",
+    "map_points",
+    "resample_nearest",
+]

@@ -116,7 +116,7 @@ class _NamedLoader:
     def __init__(self, loader) -> None:
         self.loader = loader
 
-    def __call__(self, filename, reader=None):
+    def __call__(self, filename, reader: Optional[object] = None):
         try:
             return self.loader(filename, reader)
         except Exception as e:
@@ -150,7 +150,7 @@ class SpacingIgnoringPathsd(Spacingd):
     entries are set aside during the call and put back unchanged; everything else is ``Spacingd``.
     """
 
-    def __call__(self, data, lazy=None):
+    def __call__(self, data, lazy: Optional[bool] = None):
         d = dict(data)
         aside = {
             k: d.pop(k)
@@ -211,3 +211,6 @@ def deterministic_transforms(
             raise ValueError("class_indices=True needs num_classes")
         xforms.append(ClassesToIndicesd(keys=label_key, num_classes=int(num_classes), indices_postfix="_cls_indices"))
     return xforms
+
+
+__all__ = ["CheckLoadedCased", "NamedLoadImaged", "SpacingIgnoringPathsd", "deterministic_transforms"]

@@ -1,4 +1,4 @@
-"""Dataset mapping (spec section 8): a label map becomes, per 2D slice, a set of (class, binary mask, box).
+"""Dataset mapping (paper Eq. 1; model card "Training recipe"): a label map becomes, per 2D slice, a set of (class, binary mask, box).
 
 Every label value present in a slice, background 0 included, is one target. Boxes follow the shared convention
 of ``scripts.box_ops.masks_to_boxes`` (xyxy normalised by W and H, pixel edges, x along the last axis).
@@ -6,6 +6,8 @@ of ``scripts.box_ops.masks_to_boxes`` (xyxy normalised by W and H, pixel edges, 
 Axis orders: MONAI labels are ``(B, 1, H, W, D)`` with the slice axis last; the network predicts
 ``(B, D, N, H, W)``. Slices are flattened batch-major, ``s = b * D + d``, to match ``pred.flatten(0, 1)``.
 """
+
+from __future__ import annotations
 
 import math
 from typing import Hashable, List, Mapping, NamedTuple, Tuple, Union
