@@ -47,6 +47,7 @@ from common import (  # noqa: E402  (sets OMP_WAIT_POLICY before torch is import
 )
 
 import torch  # noqa: E402
+from scripts.interactive import window_starts  # noqa: E402
 
 PHASES = ("infer", "train", "volume")  # "flops" (FLOPs of one train step and one eval forward) on request
 
@@ -110,14 +111,8 @@ def log(msg: str) -> None:
 
 
 def sliding_windows(volume, roi, overlap: float = 0.5) -> int:
-    """Number of windows MONAI's sliding_window_inference visits (its scan-interval rule)."""
-    n = 1
-    for v, r in zip(volume, roi):
-        if v <= r:
-            continue
-        interval = max(int(r * (1 - overlap)), 1)
-        n *= math.ceil((v - r) / interval) + 1
-    return n
+    """Number of windows MONAI's sliding_window_inference visits (its scan-interval rule, per axis)."""
+    return math.prod(len(window_starts(v, r, overlap)) for v, r in zip(volume, roi))
 
 
 # --------------------------------------------------------------------------------------------- one job

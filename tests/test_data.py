@@ -12,7 +12,7 @@ from monai.transforms import Compose, NormalizeIntensityd
 from scripts import data as D
 from scripts.checkpointing import load_model_weights, prepare_training_output
 from scripts.inference import Predictor, write_label_nifti
-from scripts.io import safe_torch_load
+from scripts.files import safe_torch_load
 from scripts.synthetic import make_demo_dataset
 from scripts.transforms import deterministic_transforms
 
@@ -88,6 +88,10 @@ def test_case_checks_name_the_files(tmp_path):
     bad[0, 0, 0] = 7
     with raises_chain(ValueError, r"lab.nii.gz: label values \[7\] are outside 0..3"):
         _load(_case(tmp_path, img, bad))
+    fractional = lab.astype(np.float32)
+    fractional[0, 0, 0], fractional[1, 0, 0] = 1.5, np.nan
+    with raises_chain(ValueError, r"lab.nii.gz: label values \[1.5, nan\] are outside 0..3"):
+        _load(_case(tmp_path, img, fractional))
     nan = img.copy()
     nan[1, 1, 1] = np.nan
     with raises_chain(ValueError, r"img.nii.gz: 1 NaN/Inf"):

@@ -18,6 +18,7 @@ from scripts.loss import (
     HungarianMatcher,
     LabelToMaskSetd,
     MaskSAMLoss,
+    SetCriterion,
     assign,
     batch_targets,
     downsample_label_maps,
@@ -191,13 +192,14 @@ def test_perfect_prediction_gives_near_zero_loss_far_below_random():
     label[1, ..., 2] = 0  # background-only slice: trains background + no-object
     loss_fn = MaskSAMLoss(num_classes, num_points=256, seed=0)
 
-    perfect = loss_fn(perfect_prediction(label, queries, num_classes, gen), label)
-    perfect_terms = dict(loss_fn.last_terms)
+    perfect_pred = perfect_prediction(label, queries, num_classes, gen)
+    perfect = loss_fn(perfect_pred, label)
+    perfect_terms = loss_fn.criterion(perfect_pred, label)
     random = loss_fn(random_prediction(batch, depth, queries, num_classes, size, size, gen), label)
 
     assert perfect.item() < 1e-3, perfect_terms
     assert random.item() > 1.0
-    assert set(perfect_terms) == set(TERM_NAMES) | {"loss_total"}
+    assert tuple(perfect_terms) == TERM_NAMES
     assert all(value.item() < 1e-3 for value in perfect_terms.values()), perfect_terms
 
 
@@ -208,15 +210,16 @@ def test_permuting_queries_leaves_loss_unchanged():
     pred = random_prediction(batch, depth, queries, num_classes, size, size, gen)
     order = torch.randperm(queries, generator=gen)
 
-    loss_fn = MaskSAMLoss(num_classes, num_points=128, seed=7)
-    loss = loss_fn(pred, label)
-    terms = loss_fn.last_terms
-    permuted_fn = MaskSAMLoss(num_classes, num_points=128, seed=7)
-    permuted = permuted_fn(permute_queries(pred, order), label)
+    criterion = MaskSAMLoss(num_classes, num_points=128, seed=7).criterion
+    terms = criterion(pred, label)
+    loss = criterion.weighted_sum(terms)
+    permuted_criterion = MaskSAMLoss(num_classes, num_points=128, seed=7).criterion
+    permuted_terms = permuted_criterion(permute_queries(pred, order), label)
+    permuted = permuted_criterion.weighted_sum(permuted_terms)
 
     assert permuted.item() == pytest.approx(loss.item(), rel=1e-5)
     for name in TERM_NAMES:
-        assert permuted_fn.last_terms[name].item() == pytest.approx(terms[name].item(), rel=1e-5, abs=1e-7)
+        assert permuted_terms[name].item() == pytest.approx(terms[name].item(), rel=1e-5, abs=1e-7)
     # The check has teeth: a different pixel sample does change the loss.
     assert MaskSAMLoss(num_classes, num_points=128, seed=8)(pred, label).item() != pytest.approx(loss.item(), rel=1e-5)
 
@@ -245,9 +248,7 @@ def test_deep_supervision_weights_split_the_aux_term():
     pred = random_prediction(1, 2, 5, 3, 16, 16, gen)
 
     def aux_bce(**kwargs):
-        loss_fn = MaskSAMLoss(3, num_points=64, seed=0, **kwargs)
-        loss_fn(pred, label)
-        return loss_fn.last_terms["loss_aux_bce"].item()
+        return MaskSAMLoss(3, num_points=64, seed=0, **kwargs).criterion(pred, label)["loss_aux_bce"].item()
 
     per_level = [aux_bce(deep_supervision_weights=w) for w in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
     assert aux_bce() == pytest.approx(4 / 7 * per_level[0] + 2 / 7 * per_level[1] + 1 / 7 * per_level[2], rel=1e-5)
@@ -297,14 +298,13 @@ def test_ce_is_the_class_weighted_mean_over_queries():
     # Perfect masks and boxes fix the matching; the class logits are random.
     matched_class = pred["pred_logits"].argmax(-1)  # (B, D, N): the target class, K = no object
     pred["pred_logits"] = torch.randn(pred["pred_logits"].shape, generator=gen)
-    loss_fn = MaskSAMLoss(num_classes, num_points=256, seed=0)
-    loss_fn(pred, label)
+    terms = MaskSAMLoss(num_classes, num_points=256, seed=0).criterion(pred, label)
 
     logits, target = pred["pred_logits"].reshape(-1, num_classes + 1), matched_class.reshape(-1)
     per_query = F.cross_entropy(logits, target, reduction="none")
     weight = torch.where(target == num_classes, 0.1, 1.0)
     expected = (weight * per_query).sum() / weight.sum()
-    assert loss_fn.last_terms["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
     num_targets = int((target < num_classes).sum())
     per_target = (weight * per_query).sum() / num_targets  # the earlier normalisation differs
     assert abs(per_target.item() - expected.item()) > 0.05
@@ -325,11 +325,32 @@ def test_num_points_reaches_matcher_and_every_mask_term(monkeypatch):
     label = blocky_label(1, 2, 16, 16, 3, gen)
     loss_fn = MaskSAMLoss(3, num_points=321, seed=0)
     loss_fn(random_prediction(1, 2, 4, 3, 16, 16, gen), label)
-    assert loss_fn.matcher.num_points == 321
+    assert loss_fn.criterion.matcher.num_points == 321
     assert sampled == [321] * 4  # final masks + 3 deep-supervision levels
-    assert MaskSAMLoss(3).num_points == 112 * 112  # Mask2Former's default
+    assert MaskSAMLoss(3).criterion.num_points == 112 * 112  # Mask2Former's default
     with pytest.raises(ValueError, match="num_points"):
         MaskSAMLoss(3, num_points=0)
+
+
+def test_set_criterion_takes_an_injected_matcher_and_weight_dict():
+    """MaskSAMLoss builds SetCriterion from the config ids; the criterion returns the unweighted terms and the
+    loss is their sum weighted by the injected weight dict."""
+    gen = torch.Generator().manual_seed(11)
+    label = blocky_label(1, 2, 16, 16, 3, gen)
+    pred = random_prediction(1, 2, 5, 3, 16, 16, gen)
+    weights = dict(zip(TERM_NAMES, (0.7, 1.2, 1.5, 0.5, 0.3, 0.5, 0.9)))
+    matcher = HungarianMatcher(*[weights[name] for name in TERM_NAMES], num_points=64)
+    criterion = SetCriterion(3, matcher, weights, num_points=64, seed=0)
+    terms = criterion(pred, label)
+    assert tuple(terms) == TERM_NAMES
+    expected = sum(weights[name] * terms[name].item() for name in TERM_NAMES)
+    assert criterion.weighted_sum(terms).item() == pytest.approx(expected, rel=1e-6)
+    config_ids = {f"weight_{name[len('loss_'):]}": weight for name, weight in weights.items()}
+    built = MaskSAMLoss(3, num_points=64, seed=0, **config_ids)
+    assert built.criterion.weight_dict == weights
+    assert built(pred, label).item() == pytest.approx(expected, rel=1e-6)  # same seed: same sample, same matching
+    with pytest.raises(ValueError, match="weight_dict must weigh exactly the terms"):
+        SetCriterion(3, matcher, {name: 1.0 for name in TERM_NAMES[:-1]})
 
 
 def test_box_loss_on_switch_chooses_the_supervised_box():
@@ -340,16 +361,17 @@ def test_box_loss_on_switch_chooses_the_supervised_box():
     pred["aux_boxes"].requires_grad_(True)
 
     def box_terms(box_loss_on):
-        loss_fn = MaskSAMLoss(3, num_points=256, seed=0, box_loss_on=box_loss_on)
-        loss_fn(pred, label).backward()
-        return loss_fn.last_terms["loss_box_l1"].item(), loss_fn.last_terms["loss_box_giou"].item()
+        criterion = MaskSAMLoss(3, num_points=256, seed=0, box_loss_on=box_loss_on).criterion
+        terms = criterion(pred, label)
+        criterion.weighted_sum(terms).backward()
+        return terms["loss_box_l1"].item(), terms["loss_box_giou"].item()
 
     assert max(box_terms("learnable")) < 1e-6
     assert pred["prompt_boxes"].grad is None and pred["aux_boxes"].grad is not None
     l1, giou = box_terms("prompt")  # default: the release supervises the box prompt (MaskAvgBBox)
     assert l1 > 0.05 and giou > 0.05
     assert pred["prompt_boxes"].grad.abs().sum() > 0
-    assert MaskSAMLoss(3).box_key == "prompt_boxes"
+    assert MaskSAMLoss(3).criterion.box_key == "prompt_boxes"
     with pytest.raises(ValueError, match="box_loss_on"):
         MaskSAMLoss(3, box_loss_on="average")
     without = {k: v for k, v in pred.items() if k != "prompt_boxes"}
@@ -378,8 +400,7 @@ def test_target_count_is_averaged_over_ddp_ranks(monkeypatch):
     gen = torch.Generator().manual_seed(20)
     label = blocky_label(1, 2, 16, 16, 3, gen)
     pred = random_prediction(1, 2, 5, 3, 16, 16, gen)
-    single = MaskSAMLoss(3, num_points=64, seed=0)
-    single(pred, label)  # one process: divided by its own count
+    single = MaskSAMLoss(3, num_points=64, seed=0).criterion(pred, label)  # one process: divided by its own count
     own_count = int(batch_targets(label, 3).counts.sum())
     assert mean_target_count(0, torch.device("cpu")) == 1.0
 
@@ -387,13 +408,12 @@ def test_target_count_is_averaged_over_ddp_ranks(monkeypatch):
     monkeypatch.setattr(criterion.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(criterion.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(criterion.dist, "all_reduce", world.all_reduce)
-    two_ranks = MaskSAMLoss(3, num_points=64, seed=0)
-    two_ranks(pred, label)
+    two_ranks = MaskSAMLoss(3, num_points=64, seed=0).criterion(pred, label)
     assert world.reduced == [own_count]  # this rank's count entered the sum
     rescale = own_count / ((own_count + 3 * own_count) / 2)  # = 1/2
     for name in TERM_NAMES:
-        expected = single.last_terms[name].item() * (1.0 if name == "loss_ce" else rescale)
-        assert two_ranks.last_terms[name].item() == pytest.approx(expected, rel=1e-5, abs=1e-7), name
+        expected = single[name].item() * (1.0 if name == "loss_ce" else rescale)
+        assert two_ranks[name].item() == pytest.approx(expected, rel=1e-5, abs=1e-7), name
     world.other_count = 0
     assert mean_target_count(1, torch.device("cpu")) == 1.0  # (1 + 0) / 2 clamped to 1
 
@@ -482,7 +502,8 @@ def test_loss_runs_on_acdc_labels(acdc_dir):
     height, width = volume.shape[:2]
     pred = random_prediction(1, depth, 8, 4, height - height % 4, width - width % 4, torch.Generator().manual_seed(0))
     label = label[:, :, : height - height % 4, : width - width % 4]
-    loss_fn = MaskSAMLoss(4, num_points=1024, seed=0)
-    loss = loss_fn(pred, label)
+    criterion = MaskSAMLoss(4, num_points=1024, seed=0).criterion
+    terms = criterion(pred, label)
+    loss = criterion.weighted_sum(terms)
     assert torch.isfinite(loss) and loss.item() > 0
-    assert all(torch.isfinite(value) for value in loss_fn.last_terms.values())
+    assert all(torch.isfinite(value) for value in terms.values())

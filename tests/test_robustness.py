@@ -46,11 +46,10 @@ def train_in_process(data, out, **overrides):
     parser = parser_for(TRAIN_CONFIGS, **{**settings, **overrides})
     parser.get_parsed_content("setup")
     trainer = parser.get_parsed_content("train#trainer")
-    loss_fn = parser.get_parsed_content("loss")
     records = []
 
     def record(engine):
-        terms = {k: float(torch.as_tensor(v).detach()) for k, v in loss_fn.last_terms.items()}
+        terms = {k: float(v) for k, v in engine.state.output["loss_terms"].items()}
         records.append({"loss": float(engine.state.output["loss"].detach()), "grad_norm": engine.state.grad_norm, **terms})
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
@@ -211,7 +210,7 @@ def test_checkpoint_of_another_k_or_backbone_names_the_mismatch(tmp_path):
 def test_failure_mid_write_keeps_previous_checkpoint_and_prediction(tmp_path, monkeypatch):
     """A full disk or a Ctrl-C during a write leaves the previous file intact and no temporary beside it."""
     from scripts.inference import write_label_nifti
-    from scripts.io import atomic_torch_save, atomic_write
+    from scripts.files import atomic_torch_save, atomic_write
 
     ck = tmp_path / "ck" / "checkpoint_last.pt"
     atomic_torch_save({"iteration": torch.tensor(2)}, str(ck))

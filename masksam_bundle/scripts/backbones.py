@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .io import safe_torch_load
+from .files import safe_torch_load
 from .cli import parse_flag
 
 

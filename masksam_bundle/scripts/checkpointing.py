@@ -23,7 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.cli import parse_flag
-from scripts.io import atomic_torch_save, ensure_writable_dir, safe_torch_load
+from scripts.files import atomic_torch_save, ensure_writable_dir, safe_torch_load
 from scripts.settings import check_model_settings, settings_path, write_model_settings
 
 logger = logging.getLogger("masksam.checkpoint")

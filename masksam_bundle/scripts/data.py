@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 from monai.data import load_decathlon_datalist
 
-from scripts.io import atomic_write_text
+from .files import atomic_write_text
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 FILE_KEYS = ("image", "label")
@@ -143,18 +143,6 @@ def inference_list(dataset_dir: Optional[str] = None, datalist: Optional[str] = 
     return list_images(dataset_dir)
 
 
-def check_patch_size(patch_size: Sequence[int], image_size_required: Optional[int] = None) -> List[int]:
-    """``patch_size`` is ``[H, W, D]`` with ``H == W`` (the network's square in-plane size)."""
-    patch = [int(p) for p in patch_size]
-    if len(patch) != 3 or min(patch) < 1:
-        raise ValueError(f"patch_size must be [H, W, D] with positive sizes, got {list(patch_size)}")
-    if patch[0] != patch[1]:
-        raise ValueError(f"patch_size must be square in-plane (H == W), got {patch}")
-    if image_size_required is not None and patch[0] != image_size_required:
-        raise ValueError(f"this backbone needs an in-plane patch of {image_size_required}, got patch_size {patch}")
-    return patch
-
-
 def _case_id(image_name: str) -> str:
     """nnU-Net names images ``CASE_0000.nii.gz`` (channel suffix); MSD names them ``CASE.nii.gz``."""
     stem = strip_nifti_suffix(image_name)
@@ -245,6 +233,19 @@ def make_datalists(
         content = {"name": os.path.basename(os.path.abspath(folder)), "num_folds": num_folds, "seed": seed, **content}
         atomic_write_text(path, json.dumps(content, indent=2) + "\n")
     return list(outputs)
+
+
+__all__ = [
+    "strip_nifti_suffix",
+    "check_files_exist",
+    "load_datalist",
+    "parse_limit",
+    "list_images",
+    "inference_list",
+    "scan_nnunet_folder",
+    "kfold_splits",
+    "make_datalists",
+]
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
-from scripts.cli import parse_flag
-from scripts.data import strip_nifti_suffix
-from scripts.io import atomic_write, atomic_write_text, ensure_writable_dir
+from .cli import parse_flag
+from .data import strip_nifti_suffix
+from .files import atomic_write, atomic_write_text, ensure_writable_dir
 
 logger = logging.getLogger("masksam.evaluate")
 
@@ -290,7 +290,7 @@ def report_label_maps(predictions: Sequence[str], datalist: str, class_names: Se
     import nibabel as nib
     from monai.data import MetaTensor
 
-    from scripts.data import load_datalist
+    from .data import load_datalist
 
     labels = {strip_nifti_suffix(e["image"]): e for e in load_datalist(datalist, key)}
     report = EvaluationReport(output_dir, class_names, num_overlays=len(predictions), overwrite=overwrite, extra=extra)
@@ -310,3 +310,13 @@ def report_label_maps(predictions: Sequence[str], datalist: str, class_names: Se
         report.add_case({"pred": one_hot(pred), "label": one_hot(gt), "image": image})
     report.write()
     return report
+
+
+__all__ = [
+    "colorize",
+    "class_color",
+    "overlay_png",
+    "prepare_evaluation_output",
+    "EvaluationReport",
+    "report_label_maps",
+]

@@ -14,6 +14,7 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice
 
 from scripts.checkpointing import is_rank_zero
+from scripts.loss import LOSS_TERMS
 
 logger = logging.getLogger("masksam.train")
 
@@ -47,13 +48,13 @@ def _as_float(value) -> float:
 
 
 class TrainingLogger:
-    """One line per iteration (loss, every term of ``loss_function.last_terms``, gradient norm, LR, speed) and
+    """One line per iteration (loss, every term in ``engine.state.output["loss_terms"]``, gradient norm, LR, speed) and
     one per epoch (time, mean loss, ETA); the same scalars go to TensorBoard when ``tensorboard_dir`` is set.
     Only rank 0 logs."""
 
-    def __init__(self, loss_function=None, optimizer: Optional[torch.optim.Optimizer] = None,
+    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None,
                  tensorboard_dir: Optional[str] = None, log_every: int = 1, tag: str = "train") -> None:
-        self.loss_function, self.optimizer = loss_function, optimizer
+        self.optimizer = optimizer
         self.tensorboard_dir, self.log_every, self.tag = tensorboard_dir, max(1, int(log_every)), tag
         self.writer = None
         self._epoch_start = self._iter_start = self._run_start = 0.0
@@ -90,7 +91,7 @@ class TrainingLogger:
         output = engine.state.output
         loss = output.get("loss") if isinstance(output, dict) else output
         terms = {"loss": _as_float(loss)} if loss is not None else {}
-        for name, value in (getattr(self.loss_function, "last_terms", None) or {}).items():
+        for name, value in ((output.get(LOSS_TERMS) if isinstance(output, dict) else None) or {}).items():
             terms[name] = _as_float(value)
         if getattr(engine.state, "grad_norm", None) is not None:
             terms["grad_norm"] = float(engine.state.grad_norm)

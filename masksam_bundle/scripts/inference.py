@@ -18,11 +18,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from scripts.checkpointing import load_model_weights
-from scripts.cli import describe_error, parse_flag
-from scripts.data import strip_nifti_suffix
-from scripts.io import atomic_write, ensure_writable_dir
-from scripts.precision import autocast
+from .checkpointing import load_model_weights
+from .cli import describe_error, parse_flag
+from .data import strip_nifti_suffix
+from .files import atomic_write, ensure_writable_dir
+from .precision import autocast
 
 logger = logging.getLogger("masksam.inference")
 
@@ -174,3 +174,6 @@ class Predictor:
         if failures:
             raise RuntimeError(f"{len(failures)} of {len(pairs)} image(s) failed:\n  " + "\n  ".join(failures))
         return written
+
+
+__all__ = ["output_path", "write_label_nifti", "count_window_batches", "WindowProgress", "Predictor"]

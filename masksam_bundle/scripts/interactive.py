@@ -29,11 +29,12 @@ preprocessed space.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
 
 Point = Sequence[float]
 
@@ -48,7 +49,7 @@ class Box:
     end: Tuple[int, int, int]
 
     @classmethod
-    def from_any(cls, box) -> Optional["Box"]:
+    def from_any(cls, box: Optional[Union["Box", Sequence[float], Sequence[Sequence[float]]]]) -> Optional["Box"]:
         """``Box``, ``[[i0, j0, z0], [i1, j1, z1]]`` or ``[i0, j0, z0, i1, j1, z1]``; ``None``/empty -> None."""
         if box is None or isinstance(box, Box):
             return box
@@ -98,14 +99,14 @@ def voxel_to_frame(i: torch.Tensor, j: torch.Tensor, image_size: int, sam_size: 
 
 
 def window_starts(size: int, window: int, overlap: float) -> List[int]:
-    """Start indices of sliding windows of ``window`` covering ``size`` (``size >= window``), MONAI style."""
+    """Start indices along one axis of the windows MONAI's ``sliding_window_inference`` visits: its scan
+    interval ``max(int(window * (1 - overlap)), 1)``, the last window flush with the end, one window when
+    ``size <= window`` (MONAI pads the axis to the window). The one home of this rule (``bench/speed_memory.py``
+    counts windows with it); the enumeration is MONAI's ``dense_patch_slices``."""
     if size <= window:
         return [0]
-    stride = max(1, int(window * (1.0 - overlap)))
-    starts = list(range(0, size - window + 1, stride))
-    if starts[-1] != size - window:
-        starts.append(size - window)
-    return starts
+    interval = max(int(window * (1.0 - overlap)), 1)
+    return [int(axis.start) for (axis,) in dense_patch_slices((size,), (window,), (interval,))]
 
 
 def depth_windows(slices: Sequence[int], depth: int, num_slices: int) -> List[Tuple[int, List[int]]]:
@@ -140,7 +141,7 @@ def predict_target_mask(
     target: int,
     foreground: Optional[Sequence[Point]] = None,
     background: Optional[Sequence[Point]] = None,
-    box=None,
+    box: Optional[Union["Box", Sequence[float], Sequence[Sequence[float]]]] = None,
     overlap: float = 0.5,
     threshold: float = 0.5,
     batch_size: int = 2,
@@ -353,7 +354,7 @@ def correct_label(
     target: int,
     foreground: Optional[Sequence[Point]] = None,
     background: Optional[Sequence[Point]] = None,
-    box=None,
+    box: Optional[Union["Box", Sequence[float], Sequence[Sequence[float]]]] = None,
     protect_other_labels: bool = True,
     click_radius: int = 0,
     **kwargs,
@@ -392,3 +393,18 @@ def resample_nearest(volume, matrix: np.ndarray, out_shape: Sequence[int], fill=
     out = np.full(int(np.prod(out_shape)), fill, dtype=vol.dtype)
     out[inside] = vol[src[inside, 0], src[inside, 1], src[inside, 2]]
     return out.reshape(tuple(int(s) for s in out_shape))
+
+
+__all__ = [
+    "Box",
+    "CorrectionResult",
+    "voxel_to_frame",
+    "window_starts",
+    "depth_windows",
+    "predict_target_mask",
+    "apply_correction",
+    "correct_label",
+    "voxel_map",
+    "map_points",
+    "resample_nearest",
+]

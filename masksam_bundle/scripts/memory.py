@@ -260,7 +260,8 @@ def _candidates(settings: dict) -> List[Tuple[str, dict]]:
 
 def check_memory(backbone: str, patch_size: Sequence[int], sam_upsample: int, num_queries: int, batch_size: int,
                  mode: str = "train", amp: bool = False, use_checkpoint: bool = False, device="cpu",
-                 data: Optional[Sequence[dict]] = None, cache_rate: float = 0.0, pixdim=None, in_channels: int = 1,
+                 data: Optional[Sequence[dict]] = None, cache_rate: float = 0.0,
+                 pixdim: Optional[Sequence[float]] = None, in_channels: int = 1,
                  memory_limit_gb: Optional[float] = None, enabled: bool = True,
                  fused_attention: bool = True) -> Optional[Estimate]:
     """Estimate the run's peak memory and raise :class:`InsufficientMemoryError` (estimate, what is free,

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from scripts.checkpointing import check_state_dict
-from scripts.io import atomic_torch_save, atomic_write_text, ensure_writable_dir, safe_torch_load
+from .checkpointing import check_state_dict
+from .files import atomic_torch_save, atomic_write_text, ensure_writable_dir, safe_torch_load
 
 __all__ = [
     "MANIFEST",

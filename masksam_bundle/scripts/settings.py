@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from scripts.io import atomic_write_text
+from scripts.files import atomic_write_text
 
 __all__ = [
     "FORMAT",

@@ -40,5 +40,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, int]:
     return counts
 
 
+__all__ = ["main"]
+
+
 if __name__ == "__main__":
     main()

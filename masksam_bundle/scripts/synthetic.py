@@ -13,12 +13,12 @@ import os
 import shlex
 import shutil
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from scripts.io import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text
 
 logger = logging.getLogger("masksam.synthetic")
 
@@ -102,11 +102,11 @@ def _python() -> str:
 
 
 def demo_report(predictions: Sequence[str], datalist: str, class_names: Sequence[str], output_dir: str,
-                ckpt_dir: str, bundle_root: str = ".", best_saver=None, key: str = "validation") -> Dict:
+                ckpt_dir: str, bundle_root: str = ".", best_saver: Optional[object] = None, key: str = "validation") -> Dict:
     """The demo's last step: the evaluation report of its predictions (``evaluation/``: metrics, table and PNG
     overlays with titles and a legend), ``demo_dice.json``, and as the last lines the commands that run
     inference and evaluation with the model it just trained."""
-    from scripts.evaluation import report_label_maps
+    from .evaluation import report_label_maps
 
     output_dir, ckpt_dir = os.path.abspath(output_dir), os.path.abspath(ckpt_dir)
     report = report_label_maps(predictions, datalist, class_names, os.path.join(output_dir, "evaluation"), key=key,
@@ -151,6 +151,9 @@ def demo_report(predictions: Sequence[str], datalist: str, class_names: Sequence
 
 
 def load_images(datalist: str, key: str) -> List[str]:
-    from scripts.data import load_datalist
+    from .data import load_datalist
 
     return [e["image"] for e in load_datalist(datalist, key)]
+
+
+__all__ = ["CLASS_NAMES", "make_case", "make_demo_dataset", "demo_report", "load_images"]

@@ -24,6 +24,7 @@ from monai.transforms import (
 )
 
 from .cli import parse_flag
+from .loss.dataset_mapping import invalid_label_values
 
 
 def _filename(data: Mapping, key: Hashable) -> str:
@@ -37,7 +38,7 @@ def _affine(data: Mapping, key: Hashable) -> Optional[np.ndarray]:
     return None if affine is None else np.asarray(affine, dtype=np.float64)
 
 
-class ValidateSampled(MapTransform):
+class CheckLoadedCased(MapTransform):
     """Check one loaded case (channel-first) and raise errors that name the files.
 
     - image must be 3D with ``in_channels`` channels (a 2D image or a wrong channel count is refused);
@@ -99,9 +100,7 @@ class ValidateSampled(MapTransform):
                     f"{label_file} has\n{np.round(a_lab, 4)}"
                 )
             if self.num_classes is not None:
-                values = torch.unique(torch.as_tensor(label))
-                bad_values = [int(v) if v == int(v) else v for v in values.tolist()
-                              if v < 0 or v >= self.num_classes or v != int(v)]
+                bad_values = invalid_label_values(label, self.num_classes)
                 if bad_values:
                     raise ValueError(
                         f"{label_file}: label values {bad_values[:20]} are outside 0..{self.num_classes - 1} "
@@ -117,7 +116,7 @@ class _NamedLoader:
     def __init__(self, loader) -> None:
         self.loader = loader
 
-    def __call__(self, filename, reader=None):
+    def __call__(self, filename, reader: Optional[object] = None):
         try:
             return self.loader(filename, reader)
         except Exception as e:
@@ -142,8 +141,8 @@ class NamedLoadImaged(LoadImaged):
         self._loader = _NamedLoader(self._loader)
 
 
-class SafeSpacingd(Spacingd):
-    """``Spacingd`` that ignores non-dict entries named ``<key>_*``.
+class SpacingIgnoringPathsd(Spacingd):
+    """``Spacingd`` that ignores non-dict entries named ``<key>_*`` (a workaround for MONAI Label's ``image_path``).
 
     With monai 1.6.1, ``Spacingd`` copies the resampled image's metadata into every data key that starts with
     ``"<key>_"`` (meant for ``image_meta_dict``). MONAI Label puts the image's file path, a string, under
@@ -151,7 +150,7 @@ class SafeSpacingd(Spacingd):
     entries are set aside during the call and put back unchanged; everything else is ``Spacingd``.
     """
 
-    def __call__(self, data, lazy=None):
+    def __call__(self, data, lazy: Optional[bool] = None):
         d = dict(data)
         aside = {
             k: d.pop(k)
@@ -195,13 +194,13 @@ def deterministic_transforms(
     xforms: List = [
         NamedLoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
-        ValidateSampled("image", label_key, num_classes=num_classes, in_channels=in_channels,
+        CheckLoadedCased("image", label_key, num_classes=num_classes, in_channels=in_channels,
                         fix_nonfinite=fix_nonfinite),
     ]
     if orientation:
         xforms.append(Orientationd(keys=keys, axcodes=orientation))
     if pixdim:
-        xforms.append(SafeSpacingd(keys=keys, pixdim=list(pixdim), mode=image_only_modes))
+        xforms.append(SpacingIgnoringPathsd(keys=keys, pixdim=list(pixdim), mode=image_only_modes))
     if intensity is not None:
         xforms.append(intensity)
     xforms.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
@@ -212,3 +211,6 @@ def deterministic_transforms(
             raise ValueError("class_indices=True needs num_classes")
         xforms.append(ClassesToIndicesd(keys=label_key, num_classes=int(num_classes), indices_postfix="_cls_indices"))
     return xforms
+
+
+__all__ = ["CheckLoadedCased", "NamedLoadImaged", "SpacingIgnoringPathsd", "deterministic_transforms"]

@@ -1,6 +1,8 @@
-"""MaskSAM training objective (spec section 8): dataset mapping, Hungarian matcher, set criterion."""
+"""MaskSAM training objective (paper Eq. 1): dataset mapping, Hungarian matcher, set criterion, weighted sum."""
 
-from .criterion import TERM_NAMES, MaskSAMLoss
+from __future__ import annotations
+
+from .criterion import TERM_NAMES, MaskSAMLoss, SetCriterion
 from .dataset_mapping import (
     BatchTargets,
     LabelToMaskSetd,
@@ -12,9 +14,13 @@ from .dataset_mapping import (
     slice_targets,
 )
 from .matcher import HungarianMatcher, assign
+from .trainer import LOSS_TERMS, TermsSupervisedTrainer
 
 __all__ = [
     "MaskSAMLoss",
+    "SetCriterion",
+    "TermsSupervisedTrainer",
+    "LOSS_TERMS",
     "TERM_NAMES",
     "HungarianMatcher",
     "assign",

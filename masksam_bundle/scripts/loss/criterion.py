@@ -1,4 +1,7 @@
-"""The MaskSAM set criterion (spec section 8, paper Eq. 1): match, then supervise the matched pairs.
+"""The MaskSAM set criterion (paper Eq. 1; model card "Training recipe"): match, then supervise the matched pairs.
+
+Shaped like Mask2Former's ``SetCriterion``: the matcher and the weight dict are injected, :class:`SetCriterion`
+returns the unweighted terms as a dict, and :class:`MaskSAMLoss` is the thin weighted sum the trainer calls.
 
 For every slice the queries are matched one-to-one to the slice's targets (every label value present,
 background included); then
@@ -43,21 +46,22 @@ TERM_NAMES = (
 )
 
 
-class MaskSAMLoss(nn.Module):
-    """``loss_fn(pred, label)`` -> scalar, for MONAI's ``SupervisedTrainer``.
+class SetCriterion(nn.Module):
+    """``criterion(pred, label)`` -> the unweighted loss terms ``{name: 0-d tensor}`` (names: ``TERM_NAMES``).
 
     Args:
         num_classes: K, classes including background; label values must lie in ``[0, K)``.
-        weight_*: term weights (spec defaults); the matcher uses the same weights as costs.
+        matcher: assigns queries to targets (:class:`HungarianMatcher`, its costs usually the loss weights).
+        weight_dict: ``{term name: weight}`` for every name of ``TERM_NAMES``; :meth:`weighted_sum` uses it.
         no_object_weight: CE class weight of the "no object" class (index K).
-        num_points: sampled pixels per mask, for matching and for each mask loss (Mask2Former 112² = 12544;
-            the release's ACDC trainer 32768).
+        num_points: sampled pixels per mask for each mask loss (Mask2Former 112² = 12544; the release's ACDC
+            trainer 32768).
         oversample_ratio, importance_sample_ratio: importance sampling of the loss pixels (PointRend).
         deep_supervision: supervise the two coarser auxiliary heads too.
         deep_supervision_weights: split of the auxiliary-mask term, finest first.
-        seed: if given, pixel sampling uses a private generator seeded once (reproducible runs);
-            otherwise the global RNG.
-        max_chunk_elements: cap on the transient sampled elements per step (matching, candidate pixels).
+        seed: if given, pixel sampling (matcher and loss) uses a private generator seeded once (reproducible
+            runs); otherwise the global RNG.
+        max_chunk_elements: cap on the transient sampled elements per step (candidate pixels).
         box_loss_on: ``"prompt"`` (default, the release): L1/GIoU on the box prompt ``prompt_boxes``
             (MaskAvgBBox: its gradient reaches the learnable box x0.5); ``"learnable"``: on ``aux_boxes``.
             The matcher's box cost uses the same box.
@@ -68,21 +72,15 @@ class MaskSAMLoss(nn.Module):
         ``aux_boxes``, ``(B, D, N, 4)`` xyxy in [0, 1]).
     Label: ``(B, 1, H, W, D)`` integer-valued (any dtype, MetaTensor fine).
 
-    After each call ``last_terms`` holds detached 0-d tensors: the unweighted terms ``loss_ce``,
-    ``loss_mask_bce``, ``loss_mask_dice``, ``loss_aux_bce``, ``loss_aux_dice`` (deep-supervision-weighted
-    over heads), ``loss_box_l1``, ``loss_box_giou``, and the weighted sum ``loss_total``.
+    Terms: ``loss_ce``, ``loss_mask_bce``, ``loss_mask_dice``, ``loss_aux_bce``, ``loss_aux_dice``
+    (deep-supervision-weighted over heads), ``loss_box_l1``, ``loss_box_giou``.
     """
 
     def __init__(
         self,
         num_classes: int,
-        weight_ce: float = 0.2,
-        weight_mask_bce: float = 1.5,
-        weight_mask_dice: float = 1.5,
-        weight_aux_bce: float = 0.5,
-        weight_aux_dice: float = 0.5,
-        weight_box_l1: float = 0.5,
-        weight_box_giou: float = 0.2,
+        matcher: HungarianMatcher,
+        weight_dict: Mapping[str, float],
         no_object_weight: float = 0.1,
         num_points: int = 112 * 112,
         oversample_ratio: float = 2.0,
@@ -100,28 +98,12 @@ class MaskSAMLoss(nn.Module):
             raise ValueError(f"box_loss_on must be one of {tuple(BOX_PREDICTIONS)}, got {box_loss_on!r}")
         if int(num_points) < 1:
             raise ValueError(f"num_points must be >= 1, got {num_points}")
+        if set(weight_dict) != set(TERM_NAMES):
+            raise ValueError(f"weight_dict must weigh exactly the terms {TERM_NAMES}, got {tuple(weight_dict)}")
         self.box_loss_on, self.box_key = box_loss_on, BOX_PREDICTIONS[box_loss_on]
         self.num_classes = num_classes
-        self.weights = {
-            "loss_ce": weight_ce,
-            "loss_mask_bce": weight_mask_bce,
-            "loss_mask_dice": weight_mask_dice,
-            "loss_aux_bce": weight_aux_bce,
-            "loss_aux_dice": weight_aux_dice,
-            "loss_box_l1": weight_box_l1,
-            "loss_box_giou": weight_box_giou,
-        }
-        self.matcher = HungarianMatcher(
-            cost_class=weight_ce,
-            cost_mask_bce=weight_mask_bce,
-            cost_mask_dice=weight_mask_dice,
-            cost_aux_bce=weight_aux_bce,
-            cost_aux_dice=weight_aux_dice,
-            cost_box_l1=weight_box_l1,
-            cost_box_giou=weight_box_giou,
-            num_points=int(num_points),
-            max_chunk_elements=max_chunk_elements,
-        )
+        self.matcher = matcher
+        self.weight_dict = {name: weight_dict[name] for name in TERM_NAMES}
         class_weights = torch.ones(num_classes + 1)
         class_weights[num_classes] = no_object_weight  # down-weight the many unmatched queries
         self.register_buffer("class_weights", class_weights, persistent=False)
@@ -132,23 +114,22 @@ class MaskSAMLoss(nn.Module):
         self.deep_supervision_weights = tuple(deep_supervision_weights)
         self.seed = seed
         self.max_chunk_elements = max_chunk_elements
-        self.last_terms: Dict[str, torch.Tensor] = {}
         self._generators: Dict[str, torch.Generator] = {}
 
-    def forward(self, pred: Mapping[str, Any], label: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: Mapping[str, Any], label: torch.Tensor) -> Dict[str, torch.Tensor]:
         device = pred["pred_masks"].device
         # Float32 throughout (sampled logits are upcast), whatever autocast the trainer runs under.
         with torch.autocast(device_type=device.type, enabled=False):
-            terms = self._terms(pred, label)
-        total = sum(self.weights[name] * terms[name] for name in TERM_NAMES)
-        self.last_terms = {name: value.detach() for name, value in terms.items()}
-        self.last_terms["loss_total"] = total.detach()
-        return total
+            return self._terms(pred, label)
+
+    def weighted_sum(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss: ``sum_k weight_dict[k] * terms[k]``."""
+        return sum(weight * terms[name] for name, weight in self.weight_dict.items())
 
     def _terms(self, pred: Mapping[str, Any], label: torch.Tensor) -> Dict[str, torch.Tensor]:
-        class_logits, masks, aux_levels, boxes = self._slices(pred, label)
+        targets = batch_targets(label.to(pred["pred_masks"].device), self.num_classes)  # checks the label
+        class_logits, masks, aux_levels, boxes = self._slices(pred, label.shape)
         num_queries = class_logits.shape[1]
-        targets = batch_targets(label.to(masks.device), self.num_classes)
         generator = self._generator(masks.device)
 
         matches = self.matcher(class_logits, masks, aux_levels[0], boxes, targets, generator)
@@ -227,9 +208,10 @@ class MaskSAMLoss(nn.Module):
         return self.deep_supervision_weights if self.deep_supervision else (1.0,)
 
     def _slices(
-        self, pred: Mapping[str, Any], label: torch.Tensor
+        self, pred: Mapping[str, Any], label_shape: Sequence[int]
     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], torch.Tensor]:
-        """Check shapes against the label and fold (B, D) into S = B·D slices (views, no copies).
+        """Check the prediction shapes against the (already checked) ``(B, 1, H, W, D)`` label shape and fold
+        (B, D) into S = B·D slices (views, no copies).
 
         Returns:
             class logits ``(S, N, K+1)``, final masks ``(S, N, H, W)``, aux masks ``(S, N, h, w)`` finest first,
@@ -243,9 +225,7 @@ class MaskSAMLoss(nn.Module):
         class_logits, masks, aux_masks, boxes = (
             pred["pred_logits"], pred["pred_masks"], list(pred["aux_masks"]), pred[self.box_key]
         )
-        if label.ndim != 5 or label.shape[1] != 1:
-            raise ValueError(f"label must have shape (B, 1, H, W, D), got {tuple(label.shape)}")
-        batch, _, height, width, depth = label.shape
+        batch, _, height, width, depth = label_shape
         num_queries = masks.shape[2] if masks.ndim == 5 else -1
         expected = {
             "pred_logits": (class_logits, (batch, depth, num_queries, self.num_classes + 1)),
@@ -256,7 +236,7 @@ class MaskSAMLoss(nn.Module):
         for name, (tensor, shape) in expected.items():
             if tuple(tensor.shape) != shape:
                 raise ValueError(
-                    f"{name} has shape {tuple(tensor.shape)}, expected {shape} for label {tuple(label.shape)} "
+                    f"{name} has shape {tuple(tensor.shape)}, expected {shape} for label {tuple(label_shape)} "
                     f"(B, 1, H, W, D) and num_classes={self.num_classes}"
                 )
         num_levels = len(self._level_weights())
@@ -273,6 +253,64 @@ class MaskSAMLoss(nn.Module):
             self._generators[key] = torch.Generator(device=device)
             self._generators[key].manual_seed(self.seed)
         return self._generators[key]
+
+
+class MaskSAMLoss(nn.Module):
+    """``loss_fn(pred, label)`` -> the weighted sum of the :class:`SetCriterion` terms, a scalar for MONAI's
+    ``SupervisedTrainer``; built from the bundle's config ids (``weight_ce``, ``weight_mask_bce``, ...).
+
+    The weights are the loss weights and, as in the release, the matcher's costs. ``criterion`` holds the
+    :class:`SetCriterion` (its terms are what the training log prints, see :class:`~scripts.loss.TermsSupervisedTrainer`).
+
+    Args:
+        num_classes: K, classes including background.
+        weight_*: term weights (the release's defaults) and matching costs.
+        num_points: sampled pixels per mask, for matching and for each mask loss.
+        max_chunk_elements: cap on the transient sampled elements per step (matching, candidate pixels).
+        criterion_kwargs: the other :class:`SetCriterion` arguments (``no_object_weight``, ``deep_supervision``,
+            ``seed``, ``box_loss_on``, ...).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight_ce: float = 0.2,
+        weight_mask_bce: float = 1.5,
+        weight_mask_dice: float = 1.5,
+        weight_aux_bce: float = 0.5,
+        weight_aux_dice: float = 0.5,
+        weight_box_l1: float = 0.5,
+        weight_box_giou: float = 0.2,
+        num_points: int = 112 * 112,
+        max_chunk_elements: int = 2**22,
+        **criterion_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        weight_dict = dict(
+            zip(
+                TERM_NAMES,
+                (weight_ce, weight_mask_bce, weight_mask_dice, weight_aux_bce, weight_aux_dice, weight_box_l1,
+                 weight_box_giou),
+            )
+        )
+        matcher = HungarianMatcher(
+            cost_class=weight_ce,
+            cost_mask_bce=weight_mask_bce,
+            cost_mask_dice=weight_mask_dice,
+            cost_aux_bce=weight_aux_bce,
+            cost_aux_dice=weight_aux_dice,
+            cost_box_l1=weight_box_l1,
+            cost_box_giou=weight_box_giou,
+            num_points=int(num_points),
+            max_chunk_elements=max_chunk_elements,
+        )
+        self.criterion = SetCriterion(
+            num_classes, matcher, weight_dict, num_points=num_points, max_chunk_elements=max_chunk_elements,
+            **criterion_kwargs,
+        )
+
+    def forward(self, pred: Mapping[str, Any], label: torch.Tensor) -> torch.Tensor:
+        return self.criterion.weighted_sum(self.criterion(pred, label))
 
 
 def mean_target_count(count: int, device: torch.device) -> float:
@@ -294,4 +332,4 @@ def _flatten_matches(matches: List[Match], device: torch.device) -> Tuple[torch.
     return slice_idx.to(device), query_idx.to(device), target_idx.to(device)
 
 
-__all__ = ["MaskSAMLoss", "TERM_NAMES", "BOX_PREDICTIONS", "mean_target_count"]
+__all__ = ["SetCriterion", "MaskSAMLoss", "TERM_NAMES", "BOX_PREDICTIONS", "mean_target_count"]

@@ -1,4 +1,4 @@
-"""Dataset mapping (spec section 8): a label map becomes, per 2D slice, a set of (class, binary mask, box).
+"""Dataset mapping (paper Eq. 1; model card "Training recipe"): a label map becomes, per 2D slice, a set of (class, binary mask, box).
 
 Every label value present in a slice, background 0 included, is one target. Boxes follow the shared convention
 of ``scripts.box_ops.masks_to_boxes`` (xyxy normalised by W and H, pixel edges, x along the last axis).
@@ -7,8 +7,10 @@ Axis orders: MONAI labels are ``(B, 1, H, W, D)`` with the slice axis last; the 
 ``(B, D, N, H, W)``. Slices are flattened batch-major, ``s = b * D + d``, to match ``pred.flatten(0, 1)``.
 """
 
+from __future__ import annotations
+
 import math
-from typing import Hashable, Mapping, NamedTuple, Tuple, Union
+from typing import Hashable, List, Mapping, NamedTuple, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,6 +43,17 @@ class BatchTargets(NamedTuple):
     counts: torch.Tensor  # (S,) long, targets per slice (>= 1: every pixel has a label)
 
 
+def invalid_label_values(label: Union[torch.Tensor, np.ndarray], num_classes: int) -> List[Union[int, float]]:
+    """The distinct values of ``label`` that are not class ids: negative, ``>= num_classes``, non-integer or
+    NaN/Inf, ascending (NaN last); integral ones as ``int``. The one label-value check of the bundle (the loss and
+    the per-case check of the preprocessing both use it)."""
+    values = torch.unique(torch.as_tensor(label))
+    valid = (values >= 0) & (values < num_classes)
+    if values.is_floating_point():
+        valid &= values == values.round()
+    return [int(v) if math.isfinite(v) and v == int(v) else v for v in values[~valid].tolist()]
+
+
 def integer_label(label: Union[torch.Tensor, np.ndarray], num_classes: int) -> torch.Tensor:
     """Round a (possibly float, possibly MetaTensor) label to long and check every value is a class id.
 
@@ -53,12 +66,10 @@ def integer_label(label: Union[torch.Tensor, np.ndarray], num_classes: int) -> t
     if label.is_floating_point():
         # Resampled labels can hold 2.9999; NaN must still be reported, so check before casting.
         label = label.round()
-    values = torch.unique(label)
-    invalid = values[~((values >= 0) & (values < num_classes))]
-    if invalid.numel() > 0:
-        shown = [int(v) if math.isfinite(v) else v for v in invalid[:10].tolist()]  # rounded: show as ints
+    invalid = invalid_label_values(label, num_classes)
+    if invalid:
         raise ValueError(
-            f"label values {shown} are not class ids for num_classes K={num_classes} "
+            f"label values {invalid[:10]} are not class ids for num_classes K={num_classes} "
             f"(expected integers in [0, {num_classes - 1}])"
         )
     return label.long()
@@ -139,6 +150,7 @@ class LabelToMaskSetd(MapTransform):
 __all__ = [
     "SliceTargets",
     "BatchTargets",
+    "invalid_label_values",
     "integer_label",
     "label_to_slices",
     "slice_targets",

@@ -6,6 +6,8 @@
 Inputs are logits; the sigmoid is applied here exactly once.
 """
 
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""Hungarian matching of queries to the target set of each slice (spec section 8, paper Eq. 1).
+"""Hungarian matching of queries to the target set of each slice (paper Eq. 1).
 
 The cost of assigning query n to target t combines the final and the auxiliary predictions, with the same
 weights as the loss:
@@ -10,6 +10,8 @@ weights as the loss:
 Mask terms use one random pixel sample per slice shared by all queries and targets, so the cost volume is
 ``(S, N, T)`` and the transient memory is ``chunk × N × num_points``, independent of H·W.
 """
+
+from __future__ import annotations
 
 from typing import List, Optional, Tuple
 

@@ -6,6 +6,8 @@ Mask2Former point sampling with the points at pixel centres: no interpolation is
 logits are read straight out of the prediction tensor without first copying the matched masks.
 """
 
+from __future__ import annotations
+
 from typing import Iterator, Optional
 
 import torch

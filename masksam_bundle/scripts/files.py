@@ -82,3 +82,6 @@ def ensure_writable_dir(path: str, what: str = "output folder") -> str:
     except OSError as e:
         raise PermissionError(f"{what} {path!r} cannot be written: {e.strerror or e}") from e
     return path
+
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "safe_torch_load", "ensure_writable_dir"]
