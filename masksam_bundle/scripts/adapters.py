@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .layout import fold_slices, unfold_slices
+
 IMAGE_ADAPTERS = ("dconv", "dmlp", "dmlp_after_up", "dmlp_before_down", "vanilla")
 PROMPT_ADAPTERS = ("dmlp", "dmlp_after_up", "dmlp_before_down", "vanilla")
 REDUCTION = 4  # bottleneck width C/4 (768 -> 192 in ViT-B, 256 -> 64 in SAM's decoder)
@@ -87,14 +89,9 @@ class DConvAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h, w, C)`` tokens on the full (un-windowed) grid, slice index inner -> same shape."""
-        bd, h, w, _ = x.shape
-        d = self.num_slices
-        if bd % d:
-            raise ValueError(f"DConvAdapter expects B*{d} slices on dim 0, got shape {tuple(x.shape)}")
         z = self.act(self.down(x))  # (B*D, h, w, c)
-        c = z.shape[-1]
-        volume = z.reshape(bd // d, d, h, w, c).permute(0, 4, 1, 2, 3)  # (B, c, D, h, w)
-        conv = self.depth_conv(volume).permute(0, 2, 3, 4, 1).reshape(bd, h, w, c)
+        volume = unfold_slices(z, self.num_slices).movedim(-1, 1)  # (B, c, D, h, w)
+        conv = fold_slices(self.depth_conv(volume).movedim(1, -1))  # (B*D, h, w, c)
         z = z + self.act(self.norm(conv))
         return self.up(z)
 
@@ -158,9 +155,7 @@ class SliceFolded(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h, w, C)``, slice index inner -> same shape."""
-        if x.shape[0] % self.num_slices:
-            raise ValueError(f"expected B*{self.num_slices} slices on dim 0, got shape {tuple(x.shape)}")
-        return self.adapter(x.reshape(-1, self.num_slices, *x.shape[1:])).reshape(x.shape)
+        return fold_slices(self.adapter(unfold_slices(x, self.num_slices)))
 
 
 _PLACEMENT = {"dmlp": "middle", "dmlp_after_up": "after_up", "dmlp_before_down": "before_down", "vanilla": None}

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .adapters import image_adapter
 from .attention import sam_attention, tiny_vit_attention
+from .layout import fold_slices, unfold_slices
 
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 
@@ -103,12 +104,11 @@ class AdaptedViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         x = self.patch_embed(x)  # (B*D, g, g, C)
-        bd, g, _, c = x.shape
+        g = x.shape[1]
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, :g, :g, :]
         if self.depth_embed is not None:
-            depth = self.depth_embed.repeat(bd // self.num_slices, 1)  # (B*D, C), slice index inner
-            x = x + depth[:, None, None, :]
+            x = fold_slices(unfold_slices(x, self.num_slices) + self.depth_embed[:, None, None, :])
         features = []
         for i, blk in enumerate(self.blocks):
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -209,10 +209,8 @@ class AdaptedTinyViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         x = self.patch_embed(x)  # (B*D, 64, 256, 256)
-        bd = x.shape[0]
         if self.depth_embed is not None:
-            depth = self.depth_embed.repeat(bd // self.num_slices, 1)
-            x = x + depth[:, :, None, None]
+            x = fold_slices(unfold_slices(x, self.num_slices) + self.depth_embed[:, :, None, None])
         features = []
         x = self._run(self.layers[0], x)  # conv stage -> tokens (B*D, L, C)
         features.append(x)

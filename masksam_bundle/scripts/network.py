@@ -24,6 +24,7 @@ from .backbones import BACKBONES, SAM_FRAME, build_sam_parts
 from .cli import parse_flag
 from .image_encoder import AdaptedTinyViTEncoder, AdaptedViTEncoder
 from .mask_decoder import ClassifyingMaskDecoder
+from .layout import fold_slices, unfold_slices
 from .modality_adapter import ModalityAdapter
 from .prompt_generator import PromptGenerator, mask_avg_box
 
@@ -178,20 +179,22 @@ class MaskSAM(nn.Module):
         """
         return self.decode(self.encode(x), points=points, boxes=boxes)
 
+    def sam_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The image encoder's input: ``(B, C, H, W, D)`` -> checked -> modality adapter -> ``(B*D, 3, S, S)``."""
+        self.check_input(x)
+        # MONAI batches carry per-item metadata; the set outputs are not per-item images, so drop it here
+        # (sliding-window inference restores the input's metadata on its own output).
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x
+        image = self.modality_adapter(x.movedim(-1, 2))  # (B, 3, D, S, S): depth before the in-plane axes
+        return fold_slices(image, depth_dim=2)
+
     def encode(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The prompt-independent part of the forward pass: image embedding and prompt-generator outputs.
 
         The result can be decoded several times (:meth:`decode`) with different extra prompts without running
         the image encoder again.
         """
-        self.check_input(x)
-        # MONAI batches carry per-item metadata; the set outputs are not per-item images, so drop it here
-        # (sliding-window inference restores the input's metadata on its own output).
-        x = x.as_tensor() if isinstance(x, MetaTensor) else x
-        b, _, h, w, d = x.shape
-        image = self.modality_adapter(x.permute(0, 1, 4, 2, 3))  # (B, 3, D, S, S)
-        image = image.transpose(1, 2).reshape(b * d, 3, self.sam_size, self.sam_size)
-        embedding, features = self.image_encoder(image)
+        embedding, features = self.image_encoder(self.sam_images(x))
         prompts = self.prompt_generator(embedding, features)
         return {"embedding": embedding, **prompts}
 
@@ -212,7 +215,7 @@ class MaskSAM(nn.Module):
                 NaN keep the generated (MaskAvgBBox) box.
         """
         aux_masks, aux_boxes = encoded["aux_masks"], encoded["aux_boxes"]
-        b, d, n, h, w = aux_masks[0].shape
+        h, w = aux_masks[0].shape[-2:]
         prompt_boxes = mask_avg_box(aux_masks[0], aux_boxes) if self.prompt_mode == "mask_avg_box" else aux_boxes
         # SAM's frozen prompt encoder gets the box detached, in SAM-frame pixels (input in the top-left S x S).
         boxes_px = prompt_boxes.detach().float() * self.sam_size
@@ -224,15 +227,11 @@ class MaskSAM(nn.Module):
         mask_side = 4 * self.grid
         mask_prompt = None  # "box": the learnable box is the only prompt
         if self.prompt_mode != "box":
-            mask_prompt = F.interpolate(
-                aux_masks[0].detach().reshape(b * d * n, 1, h, w), size=(mask_side, mask_side), mode="bilinear",
-                align_corners=False,
-            ).reshape(b, d, n, mask_side, mask_side)
+            mask_prompt = _resize_inplane(aux_masks[0].detach(), (mask_side, mask_side))
 
         class_logits, masks = self.decoder(encoded["embedding"], boxes_px, mask_prompt, encoded["aux_tokens"], points)
         if masks.shape[-2:] != (h, w):
-            masks = F.interpolate(masks.reshape(b * d, n, mask_side, mask_side), size=(h, w), mode="bilinear",
-                                  align_corners=False).reshape(b, d, n, h, w)
+            masks = _resize_inplane(masks, (h, w))
         return {
             "pred_logits": class_logits,
             "pred_masks": masks,
@@ -245,11 +244,7 @@ class MaskSAM(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image embedding ``(B*D, 256, g, g)`` of an input ``(B, C, H, W, D)`` through the (trained) modality
         adapter and adapted encoder, without the prompt generator (all the prompt-only path needs)."""
-        self.check_input(x)
-        x = x.as_tensor() if isinstance(x, MetaTensor) else x
-        b, _, h, w, d = x.shape
-        image = self.modality_adapter(x.permute(0, 1, 4, 2, 3)).transpose(1, 2)  # (B, D, 3, S, S)
-        return self.image_encoder(image.reshape(b * d, 3, self.sam_size, self.sam_size))[0]
+        return self.image_encoder(self.sam_images(x))[0]
 
     def decode_prompts(
         self,
@@ -289,6 +284,12 @@ def semantic_probabilities(class_logits: torch.Tensor, mask_logits: torch.Tensor
     class_probs = class_logits.float().softmax(-1)[..., :-1]  # drop "no object"
     scores = torch.einsum("bdnk,bdnhw->bkhwd", class_probs, mask_logits.float().sigmoid())
     return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def _resize_inplane(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of the in-plane axes: ``(B, D, N, h, w)`` -> ``(B, D, N, *size)``."""
+    resized = F.interpolate(fold_slices(masks), size=size, mode="bilinear", align_corners=False)
+    return unfold_slices(resized, masks.shape[1])
 
 
 def _check_switches(prompt_mode: str, image_adapter: str, prompt_adapter: str) -> None:

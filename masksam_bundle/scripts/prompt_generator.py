@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UnetBasicBlock
 
 from .box_ops import masks_to_boxes
+from .layout import unfold_slices
 from .modality_adapter import LEAKY_RELU as _ACT
 from .modality_adapter import upsample_inplane as _upsample_inplane
 
@@ -152,8 +153,7 @@ class PromptGenerator(nn.Module):
 
     def _unfold(self, x: torch.Tensor) -> torch.Tensor:
         """``(B*D, C, h, w)`` -> ``(B, C, D, h, w)``."""
-        bd, c, h, w = x.shape
-        return x.reshape(bd // self.num_slices, self.num_slices, c, h, w).transpose(1, 2)
+        return unfold_slices(x, self.num_slices, depth_dim=2)
 
     def forward(self, embedding: torch.Tensor, features: Sequence[torch.Tensor]) -> Dict[str, object]:
         """
