@@ -12,7 +12,6 @@ from typing import List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
@@ -143,16 +142,9 @@ class AdaptedTinyViTBlock(nn.Module):
         ws = blk.window_size
         if h == ws and w == ws:
             return tiny_vit_attention(blk.attn, x, self.fused_attention).view(b, h, w, c)
-        x = x.view(b, h, w, c)
-        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        ph, pw = h + pad_b, w + pad_r
-        nh, nw = ph // ws, pw // ws
-        x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        x = tiny_vit_attention(blk.attn, x, self.fused_attention)
-        x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
-        return x[:, :h, :w].contiguous()
+        windows, pad_hw = window_partition(x.view(b, h, w, c), ws)  # (B*nW, ws, ws, C), zero-padded
+        windows = tiny_vit_attention(blk.attn, windows.flatten(1, 2), self.fused_attention)
+        return window_unpartition(windows.unflatten(1, (ws, ws)), ws, pad_hw, (h, w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h*w, C)`` tokens (TinyViT's layout)."""
