@@ -1,4 +1,4 @@
-"""SAM image encoders with depth embeddings and DConvAdapters (paper Fig. 4a; spec sections 2, 4, 5).
+"""SAM image encoders with depth embeddings and DConvAdapters (paper Fig. 4a; model card ``docs/README.md``).
 
 Both encoders take slices folded into the batch, ``(B*D, 3, S, S)``, and return
 
@@ -7,6 +7,8 @@ Both encoders take slices folded into the batch, ``(B*D, 3, S, S)``, and return
 
 The original SAM modules stay inside (frozen); the wrappers re-run their forward with the adapters inserted.
 """
+
+from __future__ import annotations
 
 from typing import List, Tuple
 
@@ -20,6 +22,8 @@ from .adapters import image_adapter
 from .attention import sam_attention, tiny_vit_attention
 from .layout import fold_slices, unfold_slices
 
+__all__ = ["AdaptedTinyViTBlock", "AdaptedTinyViTEncoder", "AdaptedViTBlock", "AdaptedViTEncoder", "EncoderOutput"]
+
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 
 
@@ -29,7 +33,7 @@ class AdaptedViTBlock(nn.Module):
     ``adapter`` picks another adapter kind for the ablation (:data:`scripts.adapters.IMAGE_ADAPTERS`).
 
     The attention-side adapter runs after window un-partitioning, so its depth convolution always sees the
-    full per-slice token grid (the authors' release ran it on windows; spec section 5 "release bug").
+    full per-slice token grid (the authors' release ran it on windows, a release bug; model card ``docs/README.md``).
     The attention itself runs through :func:`scripts.attention.sam_attention` (fused SDPA unless
     ``fused_attention`` is false; relative-position tables cropped to the grid).
     """
@@ -70,7 +74,7 @@ class AdaptedViTBlock(nn.Module):
 
 
 class AdaptedViTEncoder(nn.Module):
-    """SAM's ``ImageEncoderViT`` for an input of side ``image_size`` <= 1024 (spec section 2, "frame").
+    """SAM's ``ImageEncoderViT`` for an input of side S <= 1024 (the SAM frame, model card ``docs/README.md``).
 
     The absolute position embedding is cropped to its top-left ``S/16 x S/16`` corner (SAM's own
     "pad bottom-right to 1024" convention); the relative-position tables of the global blocks likewise to their
@@ -81,8 +85,8 @@ class AdaptedViTEncoder(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, num_slices: int, image_size: int, use_checkpoint: bool = False,
-        adapter: str = "dconv", depth_embed: bool = True, fused_attention: bool = True,
+        self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False, adapter: str = "dconv",
+        depth_embed: bool = True, fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
@@ -94,7 +98,6 @@ class AdaptedViTEncoder(nn.Module):
         dim = self.pos_embed.shape[-1] if self.pos_embed is not None else encoder.blocks[0].norm1.normalized_shape[0]
         self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim)) if depth_embed else None
         self.num_slices = num_slices
-        self.grid = image_size // 16
         self.use_checkpoint = use_checkpoint
         # Multi-level features: the outputs of the global-attention blocks (ViT-B: 2, 5, 8, 11).
         self.feature_blocks = [i for i, b in enumerate(encoder.blocks) if b.window_size == 0]

@@ -1,4 +1,4 @@
-"""MaskSAM: prompt-free SAM with mask classification for 3D multi-class segmentation (spec section 1).
+"""MaskSAM: prompt-free SAM with mask classification for 3D multi-class segmentation (model card ``docs/README.md``).
 
 Input ``(B, C_in, H, W, D)`` (MONAI channel-first, slices last).
 
@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from .adapters import IMAGE_ADAPTERS, PROMPT_ADAPTERS
-from .backbones import BACKBONES, SAM_FRAME, build_sam_parts
+from .backbones import build_sam_parts, sam_frame_side
 from .cli import parse_flag
 from .image_encoder import AdaptedTinyViTEncoder, AdaptedViTEncoder
-from .mask_decoder import ClassifyingMaskDecoder
 from .layout import fold_slices, unfold_slices
+from .mask_decoder import ClassifyingMaskDecoder
 from .modality_adapter import ModalityAdapter
 from .prompt_generator import PromptGenerator, mask_avg_box
+
+__all__ = ["MaskSAM", "PROMPT_MODES", "semantic_probabilities"]
 
 # Prompt generator variants of the ablation (paper Fig. 2, Table 4 B1-B4); the full model is "mask_avg_box".
 PROMPT_MODES = ("mask", "box", "mask_box", "mask_avg_box")
@@ -82,7 +84,7 @@ class MaskSAM(nn.Module):
         fused_attention: bool = True,
     ) -> None:
         super().__init__()
-        sam_size = _check_frame(backbone, image_size, sam_upsample)
+        sam_size = sam_frame_side(backbone, image_size, sam_upsample)
         _check_switches(prompt_mode, image_adapter, prompt_adapter)
         use_checkpoint = parse_flag(use_checkpoint, "use_checkpoint")
         depth_pos_embed = parse_flag(depth_pos_embed, "depth_pos_embed")
@@ -102,13 +104,12 @@ class MaskSAM(nn.Module):
         self.frozen_modules = [parts.image_encoder, parts.prompt_encoder, parts.mask_decoder]
         for module in self.frozen_modules:
             module.requires_grad_(False)
-        self.frame_size = parts.frame_size
         self.grid = sam_size // parts.embed_stride
 
         self.modality_adapter = ModalityAdapter(in_channels, sam_upsample)
         if parts.kind == "vit":
             self.image_encoder = AdaptedViTEncoder(
-                parts.image_encoder, num_slices, sam_size, use_checkpoint, adapter=image_adapter,
+                parts.image_encoder, num_slices, use_checkpoint, adapter=image_adapter,
                 depth_embed=depth_pos_embed, fused_attention=fused_attention,
             )
         else:
@@ -240,7 +241,7 @@ class MaskSAM(nn.Module):
             "prompt_boxes": prompt_boxes,
         }
 
-    # ------------------------------------------------------------------ prompt-only assist (spec section 11)
+    # ------------------------------------------------------------------ prompt-only assist (model card)
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image embedding ``(B*D, 256, g, g)`` of an input ``(B, C, H, W, D)`` through the (trained) modality
         adapter and adapted encoder, without the prompt generator (all the prompt-only path needs)."""
@@ -270,7 +271,7 @@ class MaskSAM(nn.Module):
 
 
 def semantic_probabilities(class_logits: torch.Tensor, mask_logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-voxel class distribution from the set prediction (spec section 1, eval).
+    """Per-voxel class distribution from the set prediction (the eval-mode output).
 
     ``s_k = sum_n softmax(class)_k * sigmoid(mask)``, ``k < K``, normalised over k.
 
@@ -299,23 +300,3 @@ def _check_switches(prompt_mode: str, image_adapter: str, prompt_adapter: str) -
         raise ValueError(f"image_adapter must be one of {IMAGE_ADAPTERS}, got {image_adapter!r}")
     if prompt_adapter not in PROMPT_ADAPTERS:
         raise ValueError(f"prompt_adapter must be one of {PROMPT_ADAPTERS}, got {prompt_adapter!r}")
-
-
-def _check_frame(backbone: str, image_size: int, sam_upsample: int) -> int:
-    """Validate the SAM input frame and return its side S."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
-    if sam_upsample not in (1, 2, 4):
-        raise ValueError(f"sam_upsample must be 1, 2 or 4, got {sam_upsample}")
-    sam_size = int(image_size) * sam_upsample
-    if backbone == "lite_medsam":
-        if sam_size != 256:
-            raise ValueError(
-                f"lite_medsam works in a 256x256 frame: image_size * sam_upsample must be 256, got "
-                f"{image_size} * {sam_upsample} = {sam_size}"
-            )
-    elif sam_size % 16 or not 64 <= sam_size <= SAM_FRAME:
-        raise ValueError(
-            f"{backbone}: image_size * sam_upsample = {sam_size} must be a multiple of 16 between 64 and {SAM_FRAME}"
-        )
-    return sam_size
