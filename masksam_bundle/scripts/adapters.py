@@ -1,4 +1,6 @@
-"""Adapters (paper section 2.5, Fig. 3; spec section 5) and the variants of the ablation (paper Table 4).
+"""Adapters (paper section 2.5, Fig. 3) and the variants of the ablation (paper Table 4).
+
+Design decisions: the model card ``docs/README.md``, "Architecture".
 
 Every adapter is a bottleneck (Linear C -> C/4, GELU, ..., Linear C/4 -> C) whose last Linear is
 zero-initialised, so a freshly built MaskSAM computes exactly what the frozen SAM computes. They differ in how
@@ -69,7 +71,7 @@ class DConvAdapter(nn.Module):
     un-windowed ``(D, h, w)`` token grid with an inner skip, channel LayerNorm, GELU, Linear C/4 -> C
     (zero-initialised). The convolution mixes in-plane neighbours and neighbouring slices ("3D depth-wise
     convolution ... spatial relationships" in the paper; the release's kernel). Callers give it the full
-    per-slice grid, never window-partitioned tokens (spec section 5, "release bug").
+    per-slice grid, never window-partitioned tokens (a release bug; model card ``docs/README.md``, "Architecture").
 
     Args:
         dim: token width C.

@@ -1,4 +1,4 @@
-"""SAM's prompt encoder and mask decoder with depth adapters and mask classification (paper Fig. 4c; spec 5, 7).
+"""SAM's prompt encoder and mask decoder with depth adapters and mask classification (paper Fig. 4c).
 
 Everything runs batched over ``B*D*N`` prompt sets, ordered ``(b, d, n)``: each of the N queries of each
 slice is one SAM prompt (box + mask), so the frozen decoder predicts one mask per query. A classifier token
@@ -153,7 +153,7 @@ class ClassifyingMaskDecoder(nn.Module):
         num_slices: D.
         num_classes: K, background included; the head predicts K+1 (index K = no object).
         grid: g, the side of the image embedding; the dense positional encoding is the top-left g x g corner
-            of SAM's grid (the frame convention of spec section 2).
+            of SAM's grid (the SAM frame convention, model card ``docs/README.md``).
         image_adapter_kind, prompt_adapter_kind: adapter kinds on the image / prompt-token path (ablation).
         depth_pos_embed: add the learnable decoder depth embedding (ablation B5 on).
     """
@@ -245,7 +245,7 @@ class ClassifyingMaskDecoder(nn.Module):
         points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         mask_prompt: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Prompt-only decoding (spec section 11, "prompt-only assist"): user prompts, no class token or head.
+        """Prompt-only decoding (model card, "Annotation assist"): user prompts, no class token or head.
 
         SAM's prompt encoder and the adapted two-way transformer with SAM's own output tokens (IoU token and
         the 4 mask tokens) only; the adapters and the decoder depth embedding apply as trained (at zero they
