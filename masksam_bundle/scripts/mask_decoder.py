@@ -1,4 +1,4 @@
-"""SAM's prompt encoder and mask decoder with depth adapters and mask classification (paper Fig. 4c; spec 5, 7).
+"""SAM's prompt encoder and mask decoder with depth adapters and mask classification (paper Fig. 4c).
 
 Everything runs batched over ``B*D*N`` prompt sets, ordered ``(b, d, n)``: each of the N queries of each
 slice is one SAM prompt (box + mask), so the frozen decoder predicts one mask per query. A classifier token
@@ -6,35 +6,50 @@ slice is one SAM prompt (box + mask), so the frozen decoder predicts one mask pe
 turns its output into K+1 class logits.
 """
 
+from __future__ import annotations
+
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .adapters import image_adapter, prompt_adapter
+from .layout import fold_slices, unfold_slices
+
+__all__ = ["AdaptedTwoWayBlock", "AdaptedTwoWayTransformer", "ClassifyingMaskDecoder", "QueryLayout"]
 
 
 class QueryLayout:
-    """Reshapes between folded ``(B*D*N, ...)`` tensors and the views the adapters need."""
+    """The decoder's batch of prompt sets ``(B*D*N, ...)``, ordered ``(b, d, n)``, and the views the adapters need.
+
+    Queries fold into the batch inside slices (query index inner), slices inside volumes
+    (:func:`scripts.layout.fold_slices`).
+    """
 
     def __init__(self, batch: int, num_slices: int, num_queries: int) -> None:
         self.b, self.d, self.n = batch, num_slices, num_queries
 
-    def tokens_by_depth(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B*D*N, T, C)`` -> ``(B, D, N, T, C)``."""
-        return tokens.reshape(self.b, self.d, self.n, *tokens.shape[1:])
+    def per_query(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B*D, ...)`` per slice -> ``(B*D*N, ...)``, each slice repeated for its N queries."""
+        return fold_slices(x.unsqueeze(1).expand(-1, self.n, *x.shape[1:]))
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B*D*N, ...)`` -> ``(B, D, N, ...)``."""
+        return unfold_slices(unfold_slices(x, self.n), self.d)
+
+    def fold(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, D, N, ...)`` -> ``(B*D*N, ...)``."""
+        return fold_slices(fold_slices(x))
 
     def grid_by_query(self, keys: torch.Tensor, side: int) -> torch.Tensor:
         """Image tokens ``(B*D*N, h*w, C)`` -> ``(B*N*D, h, w, C)`` (slices inner, as DConvAdapter wants)."""
-        c = keys.shape[-1]
-        grid = keys.reshape(self.b, self.d, self.n, side, side, c).transpose(1, 2)
-        return grid.reshape(self.b * self.n * self.d, side, side, c)
+        by_query = fold_slices(self.unfold(keys), depth_dim=2)  # (B*N, D, h*w, C)
+        return fold_slices(by_query).unflatten(1, (side, side))
 
     def grid_to_keys(self, grid: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`grid_by_query`."""
-        side, c = grid.shape[1], grid.shape[-1]
-        keys = grid.reshape(self.b, self.n, self.d, side, side, c).transpose(1, 2)
-        return keys.reshape(self.b * self.d * self.n, side * side, c)
+        by_query = unfold_slices(grid.flatten(1, 2), self.d)  # (B*N, D, h*w, C)
+        return self.fold(unfold_slices(by_query, self.n, depth_dim=2))
 
 
 class AdaptedTwoWayBlock(nn.Module):
@@ -63,7 +78,8 @@ class AdaptedTwoWayBlock(nn.Module):
         self.mlp_adapter_scale = mlp_adapter_scale
 
     def _tokens(self, adapter: nn.Module, x: torch.Tensor, layout: QueryLayout) -> torch.Tensor:
-        return adapter(layout.tokens_by_depth(x)).reshape(x.shape)
+        """Prompt tokens ``(B*D*N, T, C)`` through a depth-on-dim-1 adapter."""
+        return layout.fold(adapter(layout.unfold(x)))
 
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
@@ -124,7 +140,7 @@ class AdaptedTwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe, layout, side)
         t = self.transformer
         attn = t.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
-        attn = attn + self.final_adapter(layout.tokens_by_depth(attn)).reshape(attn.shape)
+        attn = attn + layout.fold(self.final_adapter(layout.unfold(attn)))
         queries = t.norm_final_attn(queries + attn)
         return queries, keys
 
@@ -137,7 +153,7 @@ class ClassifyingMaskDecoder(nn.Module):
         num_slices: D.
         num_classes: K, background included; the head predicts K+1 (index K = no object).
         grid: g, the side of the image embedding; the dense positional encoding is the top-left g x g corner
-            of SAM's grid (the frame convention of spec section 2).
+            of SAM's grid (the SAM frame convention, model card ``docs/README.md``).
         image_adapter_kind, prompt_adapter_kind: adapter kinds on the image / prompt-token path (ablation).
         depth_pos_embed: add the learnable decoder depth embedding (ablation B5 on).
     """
@@ -172,6 +188,12 @@ class ClassifyingMaskDecoder(nn.Module):
             return pe.expand(self.num_slices, -1, -1, -1)
         return pe + self.depth_pos_embed
 
+    def _per_query_grids(self, image_embedding: torch.Tensor, layout: QueryLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The image embedding ``(B*D, C, g, g)`` and the dense PE, each as ``(B*D*N, C, g, g)``."""
+        pe = self.dense_positional_encoding()  # (D, C, g, g)
+        pos = fold_slices(pe.expand(layout.b, *pe.shape))  # (B*D, C, g, g)
+        return layout.per_query(image_embedding), layout.per_query(pos)
+
     def forward(
         self,
         image_embedding: torch.Tensor,
@@ -196,27 +218,24 @@ class ClassifyingMaskDecoder(nn.Module):
         c, g = image_embedding.shape[1], image_embedding.shape[-1]
         sparse, dense = self.prompt_encoder(
             points=points,
-            boxes=boxes_px.reshape(-1, 4),
-            masks=None if mask_prompt is None else mask_prompt.reshape(-1, 1, *mask_prompt.shape[-2:]),
+            boxes=layout.fold(boxes_px),
+            masks=None if mask_prompt is None else layout.fold(mask_prompt).unsqueeze(1),
         )  # sparse (BDN, T_prompt, C), dense (BDN, C, g, g); without a mask prompt SAM's full grid
         dense = dense[..., :g, :g]  # "no mask" is one constant vector: its frame corner is the same
 
         dec = self.mask_decoder
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (5, C)
-        class_token = self.global_class_token + aux_tokens.reshape(-1, 1, c)  # (BDN, 1, C)
+        class_token = self.global_class_token + layout.fold(aux_tokens).unsqueeze(1)  # (BDN, 1, C)
         tokens = torch.cat([output_tokens.expand(b * d * n, -1, -1), sparse, class_token], dim=1)
 
-        per_query = (b, d, n, c, g, g)
-        src = image_embedding.reshape(b, d, 1, c, g, g).expand(per_query).reshape(-1, c, g, g) + dense
-        pos = self.dense_positional_encoding().reshape(1, d, 1, c, g, g).expand(per_query).reshape(-1, c, g, g)
-
-        hs, keys = self.transformer(src, pos, tokens, layout)
+        src, pos = self._per_query_grids(image_embedding, layout)
+        hs, keys = self.transformer(src + dense, pos, tokens, layout)
         # multimask_output=False: mask token 0 only.
         upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(-1, c, g, g))  # (BDN, C/8, 4g, 4g)
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1])  # (BDN, C/8)
         masks = torch.einsum("qc,qchw->qhw", hyper, upscaled)
         class_logits = self.class_head(hs[:, -1])
-        return class_logits.reshape(b, d, n, -1), masks.reshape(b, d, n, *masks.shape[-2:])
+        return layout.unfold(class_logits), layout.unfold(masks)
 
     def decode_prompts(
         self,
@@ -226,7 +245,7 @@ class ClassifyingMaskDecoder(nn.Module):
         points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         mask_prompt: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Prompt-only decoding (spec section 11, "prompt-only assist"): user prompts, no class token or head.
+        """Prompt-only decoding (model card, "Annotation assist"): user prompts, no class token or head.
 
         SAM's prompt encoder and the adapted two-way transformer with SAM's own output tokens (IoU token and
         the 4 mask tokens) only; the adapters and the decoder depth embedding apply as trained (at zero they
@@ -257,10 +276,11 @@ class ClassifyingMaskDecoder(nn.Module):
         if mask_prompt is not None and tuple(mask_prompt.shape) != (b, d, n, 4 * g, 4 * g):
             raise ValueError(f"mask_prompt must be (B, D, N, 4g, 4g) = {(b, d, n, 4 * g, 4 * g)}, "
                              f"got {tuple(mask_prompt.shape)}")
+        layout = QueryLayout(b, d, n)
         sparse, dense = self.prompt_encoder(
             points=points,
-            boxes=None if boxes_px is None else boxes_px.reshape(-1, 4),
-            masks=None if mask_prompt is None else mask_prompt.reshape(-1, 1, 4 * g, 4 * g),
+            boxes=None if boxes_px is None else layout.fold(boxes_px),
+            masks=None if mask_prompt is None else layout.fold(mask_prompt).unsqueeze(1),
         )
         if mask_prompt is None:  # SAM's "no mask" embedding on this frame's g x g grid (not its full 64 x 64)
             dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, c, 1, 1).expand(b * d * n, c, g, g)
@@ -268,13 +288,10 @@ class ClassifyingMaskDecoder(nn.Module):
         dec = self.mask_decoder
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (1 + M, C)
         tokens = torch.cat([output_tokens.expand(b * d * n, -1, -1), sparse], dim=1)
-        per_prompt = (b, d, n, c, g, g)
-        src = image_embedding.reshape(b, d, 1, c, g, g).expand(per_prompt).reshape(-1, c, g, g) + dense
-        pos = self.dense_positional_encoding().reshape(1, d, 1, c, g, g).expand(per_prompt).reshape(-1, c, g, g)
-
-        hs, keys = self.transformer(src, pos, tokens, QueryLayout(b, d, n))
+        src, pos = self._per_query_grids(image_embedding, layout)
+        hs, keys = self.transformer(src + dense, pos, tokens, layout)
         upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(-1, c, g, g))  # (BDN, C/8, 4g, 4g)
         hyper = torch.stack([mlp(hs[:, 1 + m]) for m, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
         masks = torch.einsum("qmc,qchw->qmhw", hyper, upscaled)
         iou = dec.iou_prediction_head(hs[:, 0])
-        return masks.reshape(b, d, n, *masks.shape[1:]), iou.reshape(b, d, n, -1)
+        return layout.unfold(masks), layout.unfold(iou)

@@ -1,26 +1,20 @@
-"""Modality adapter (paper section 2.6 i; spec section 3): any number of input channels -> SAM's 3 channels."""
+"""Modality adapter (paper section 2.6 i): any number of input channels -> SAM's 3 channels."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from monai.networks.blocks import Convolution
 
-LEAKY_RELU = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+from .blocks import conv_norm_act, upsample_inplane
+
 UPSAMPLE_STEPS = {1: 0, 2: 1, 4: 2}
 
 
-def _conv_block(in_channels: int, out_channels: int) -> nn.Module:
-    """Conv3d k3 + InstanceNorm + LeakyReLU."""
-    return Convolution(3, in_channels, out_channels, kernel_size=3, act=LEAKY_RELU, norm="instance")
-
-
-def upsample_inplane(in_channels: int, out_channels: int) -> nn.Module:
-    """ConvTranspose3d (1, 2, 2) + InstanceNorm + LeakyReLU: doubles H and W, keeps the depth."""
-    return Convolution(
-        3, in_channels, out_channels, strides=(1, 2, 2), kernel_size=(1, 2, 2), act=LEAKY_RELU, norm="instance",
-        is_transposed=True, padding=0, output_padding=0,
-    )
+def check_upsample(upsample: int) -> int:
+    """The number of in-plane x2 steps of a ``sam_upsample`` factor (1, 2 or 4); anything else raises."""
+    if upsample not in UPSAMPLE_STEPS:
+        raise ValueError(f"sam_upsample must be 1, 2 or 4, got {upsample}")
+    return UPSAMPLE_STEPS[upsample]
 
 
 class ModalityAdapter(nn.Module):
@@ -43,14 +37,12 @@ class ModalityAdapter(nn.Module):
 
     def __init__(self, in_channels: int, upsample: int = 1, stem_width: int = 16, width: int = 32) -> None:
         super().__init__()
-        if upsample not in UPSAMPLE_STEPS:
-            raise ValueError(f"sam_upsample must be 1, 2 or 4, got {upsample}")
-        steps = UPSAMPLE_STEPS[upsample]
-        layers = [_conv_block(in_channels, stem_width)]
+        steps = check_upsample(upsample)
+        layers = [conv_norm_act(in_channels, stem_width)]
         for step in range(steps):
             layers.append(upsample_inplane(stem_width, width if step == steps - 1 else stem_width))
-        layers.append(_conv_block(width if steps else stem_width, width))
-        layers.append(_conv_block(width, 3))
+        layers.append(conv_norm_act(width if steps else stem_width, width))
+        layers.append(conv_norm_act(width, 3))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,4 +50,4 @@ class ModalityAdapter(nn.Module):
         return self.layers(x)
 
 
-__all__ = ["ModalityAdapter", "upsample_inplane", "LEAKY_RELU"]
+__all__ = ["ModalityAdapter", "UPSAMPLE_STEPS", "check_upsample"]

@@ -1,4 +1,4 @@
-"""MaskSAM: prompt-free SAM with mask classification for 3D multi-class segmentation (spec section 1).
+"""MaskSAM: prompt-free SAM with mask classification for 3D multi-class segmentation (model card ``docs/README.md``).
 
 Input ``(B, C_in, H, W, D)`` (MONAI channel-first, slices last).
 
@@ -20,12 +20,15 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from .adapters import IMAGE_ADAPTERS, PROMPT_ADAPTERS
-from .backbones import BACKBONES, SAM_FRAME, build_sam_parts
+from .backbones import build_sam_parts, sam_frame_side
 from .cli import parse_flag
 from .image_encoder import AdaptedTinyViTEncoder, AdaptedViTEncoder
+from .layout import fold_slices, unfold_slices
 from .mask_decoder import ClassifyingMaskDecoder
 from .modality_adapter import ModalityAdapter
 from .prompt_generator import PromptGenerator, mask_avg_box
+
+__all__ = ["MaskSAM", "PROMPT_MODES", "semantic_probabilities"]
 
 # Prompt generator variants of the ablation (paper Fig. 2, Table 4 B1-B4); the full model is "mask_avg_box".
 PROMPT_MODES = ("mask", "box", "mask_box", "mask_avg_box")
@@ -81,7 +84,7 @@ class MaskSAM(nn.Module):
         fused_attention: bool = True,
     ) -> None:
         super().__init__()
-        sam_size = _check_frame(backbone, image_size, sam_upsample)
+        sam_size = sam_frame_side(backbone, image_size, sam_upsample)
         _check_switches(prompt_mode, image_adapter, prompt_adapter)
         use_checkpoint = parse_flag(use_checkpoint, "use_checkpoint")
         depth_pos_embed = parse_flag(depth_pos_embed, "depth_pos_embed")
@@ -101,13 +104,12 @@ class MaskSAM(nn.Module):
         self.frozen_modules = [parts.image_encoder, parts.prompt_encoder, parts.mask_decoder]
         for module in self.frozen_modules:
             module.requires_grad_(False)
-        self.frame_size = parts.frame_size
         self.grid = sam_size // parts.embed_stride
 
         self.modality_adapter = ModalityAdapter(in_channels, sam_upsample)
         if parts.kind == "vit":
             self.image_encoder = AdaptedViTEncoder(
-                parts.image_encoder, num_slices, sam_size, use_checkpoint, adapter=image_adapter,
+                parts.image_encoder, num_slices, use_checkpoint, adapter=image_adapter,
                 depth_embed=depth_pos_embed, fused_attention=fused_attention,
             )
         else:
@@ -178,20 +180,22 @@ class MaskSAM(nn.Module):
         """
         return self.decode(self.encode(x), points=points, boxes=boxes)
 
+    def sam_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The image encoder's input: ``(B, C, H, W, D)`` -> checked -> modality adapter -> ``(B*D, 3, S, S)``."""
+        self.check_input(x)
+        # MONAI batches carry per-item metadata; the set outputs are not per-item images, so drop it here
+        # (sliding-window inference restores the input's metadata on its own output).
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x
+        image = self.modality_adapter(x.movedim(-1, 2))  # (B, 3, D, S, S): depth before the in-plane axes
+        return fold_slices(image, depth_dim=2)
+
     def encode(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The prompt-independent part of the forward pass: image embedding and prompt-generator outputs.
 
         The result can be decoded several times (:meth:`decode`) with different extra prompts without running
         the image encoder again.
         """
-        self.check_input(x)
-        # MONAI batches carry per-item metadata; the set outputs are not per-item images, so drop it here
-        # (sliding-window inference restores the input's metadata on its own output).
-        x = x.as_tensor() if isinstance(x, MetaTensor) else x
-        b, _, h, w, d = x.shape
-        image = self.modality_adapter(x.permute(0, 1, 4, 2, 3))  # (B, 3, D, S, S)
-        image = image.transpose(1, 2).reshape(b * d, 3, self.sam_size, self.sam_size)
-        embedding, features = self.image_encoder(image)
+        embedding, features = self.image_encoder(self.sam_images(x))
         prompts = self.prompt_generator(embedding, features)
         return {"embedding": embedding, **prompts}
 
@@ -212,7 +216,7 @@ class MaskSAM(nn.Module):
                 NaN keep the generated (MaskAvgBBox) box.
         """
         aux_masks, aux_boxes = encoded["aux_masks"], encoded["aux_boxes"]
-        b, d, n, h, w = aux_masks[0].shape
+        h, w = aux_masks[0].shape[-2:]
         prompt_boxes = mask_avg_box(aux_masks[0], aux_boxes) if self.prompt_mode == "mask_avg_box" else aux_boxes
         # SAM's frozen prompt encoder gets the box detached, in SAM-frame pixels (input in the top-left S x S).
         boxes_px = prompt_boxes.detach().float() * self.sam_size
@@ -224,15 +228,11 @@ class MaskSAM(nn.Module):
         mask_side = 4 * self.grid
         mask_prompt = None  # "box": the learnable box is the only prompt
         if self.prompt_mode != "box":
-            mask_prompt = F.interpolate(
-                aux_masks[0].detach().reshape(b * d * n, 1, h, w), size=(mask_side, mask_side), mode="bilinear",
-                align_corners=False,
-            ).reshape(b, d, n, mask_side, mask_side)
+            mask_prompt = _resize_inplane(aux_masks[0].detach(), (mask_side, mask_side))
 
         class_logits, masks = self.decoder(encoded["embedding"], boxes_px, mask_prompt, encoded["aux_tokens"], points)
         if masks.shape[-2:] != (h, w):
-            masks = F.interpolate(masks.reshape(b * d, n, mask_side, mask_side), size=(h, w), mode="bilinear",
-                                  align_corners=False).reshape(b, d, n, h, w)
+            masks = _resize_inplane(masks, (h, w))
         return {
             "pred_logits": class_logits,
             "pred_masks": masks,
@@ -241,15 +241,11 @@ class MaskSAM(nn.Module):
             "prompt_boxes": prompt_boxes,
         }
 
-    # ------------------------------------------------------------------ prompt-only assist (spec section 11)
+    # ------------------------------------------------------------------ prompt-only assist (model card)
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image embedding ``(B*D, 256, g, g)`` of an input ``(B, C, H, W, D)`` through the (trained) modality
         adapter and adapted encoder, without the prompt generator (all the prompt-only path needs)."""
-        self.check_input(x)
-        x = x.as_tensor() if isinstance(x, MetaTensor) else x
-        b, _, h, w, d = x.shape
-        image = self.modality_adapter(x.permute(0, 1, 4, 2, 3)).transpose(1, 2)  # (B, D, 3, S, S)
-        return self.image_encoder(image.reshape(b * d, 3, self.sam_size, self.sam_size))[0]
+        return self.image_encoder(self.sam_images(x))[0]
 
     def decode_prompts(
         self,
@@ -275,7 +271,7 @@ class MaskSAM(nn.Module):
 
 
 def semantic_probabilities(class_logits: torch.Tensor, mask_logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-voxel class distribution from the set prediction (spec section 1, eval).
+    """Per-voxel class distribution from the set prediction (the eval-mode output).
 
     ``s_k = sum_n softmax(class)_k * sigmoid(mask)``, ``k < K``, normalised over k.
 
@@ -291,6 +287,12 @@ def semantic_probabilities(class_logits: torch.Tensor, mask_logits: torch.Tensor
     return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
 
 
+def _resize_inplane(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of the in-plane axes: ``(B, D, N, h, w)`` -> ``(B, D, N, *size)``."""
+    resized = F.interpolate(fold_slices(masks), size=size, mode="bilinear", align_corners=False)
+    return unfold_slices(resized, masks.shape[1])
+
+
 def _check_switches(prompt_mode: str, image_adapter: str, prompt_adapter: str) -> None:
     if prompt_mode not in PROMPT_MODES:
         raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
@@ -298,23 +300,3 @@ def _check_switches(prompt_mode: str, image_adapter: str, prompt_adapter: str) -
         raise ValueError(f"image_adapter must be one of {IMAGE_ADAPTERS}, got {image_adapter!r}")
     if prompt_adapter not in PROMPT_ADAPTERS:
         raise ValueError(f"prompt_adapter must be one of {PROMPT_ADAPTERS}, got {prompt_adapter!r}")
-
-
-def _check_frame(backbone: str, image_size: int, sam_upsample: int) -> int:
-    """Validate the SAM input frame and return its side S."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
-    if sam_upsample not in (1, 2, 4):
-        raise ValueError(f"sam_upsample must be 1, 2 or 4, got {sam_upsample}")
-    sam_size = int(image_size) * sam_upsample
-    if backbone == "lite_medsam":
-        if sam_size != 256:
-            raise ValueError(
-                f"lite_medsam works in a 256x256 frame: image_size * sam_upsample must be 256, got "
-                f"{image_size} * {sam_upsample} = {sam_size}"
-            )
-    elif sam_size % 16 or not 64 <= sam_size <= SAM_FRAME:
-        raise ValueError(
-            f"{backbone}: image_size * sam_upsample = {sam_size} must be a multiple of 16 between 64 and {SAM_FRAME}"
-        )
-    return sam_size

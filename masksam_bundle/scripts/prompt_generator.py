@@ -1,4 +1,4 @@
-"""3D prompt generator (paper section 2.4, Fig. 4b; spec section 6, ablation B4 "MaskAvgBBox").
+"""3D prompt generator (paper section 2.4, Fig. 4b; ablation B4 "MaskAvgBBox", paper Table 4).
 
 A 3D U-Net-style decoder runs from the image embedding (grid g) up to the network input resolution H in
 ``L = log2(H / g)`` x2 steps. Multi-level encoder features join it as skips, deepest feature at the coarsest
@@ -20,11 +20,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, UnetBasicBlock
+from monai.networks.blocks import UnetBasicBlock
 
+from .blocks import LEAKY_RELU, conv_norm_act, upsample_inplane
 from .box_ops import masks_to_boxes
-from .modality_adapter import LEAKY_RELU as _ACT
-from .modality_adapter import upsample_inplane as _upsample_inplane
+from .layout import unfold_slices
 
 # Stage widths, coarsest (the embedding grid g) -> finest (the input side H), of the release's networks, by
 # the number of x2 stages L = log2(H / g): ACDC (ViT-B x4, g = 64, H = 256) and Synapse/AMOS (g = H / 16).
@@ -53,10 +53,10 @@ class FeatureLift(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, steps: int) -> None:
         super().__init__()
         if steps == 0:
-            self.layers = Convolution(3, in_channels, out_channels, kernel_size=1, act=_ACT, norm="instance")
+            self.layers = conv_norm_act(in_channels, out_channels, kernel_size=1)
         else:
-            chain = [_upsample_inplane(in_channels, out_channels)]
-            chain += [_upsample_inplane(out_channels, out_channels) for _ in range(steps - 1)]
+            chain = [upsample_inplane(in_channels, out_channels)]
+            chain += [upsample_inplane(out_channels, out_channels) for _ in range(steps - 1)]
             self.layers = nn.Sequential(*chain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +68,8 @@ class DecoderStage(nn.Module):
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.up = _upsample_inplane(in_channels, out_channels)
-        self.conv = UnetBasicBlock(3, out_channels + skip_channels, out_channels, 3, 1, "instance", _ACT)
+        self.up = upsample_inplane(in_channels, out_channels)
+        self.conv = UnetBasicBlock(3, out_channels + skip_channels, out_channels, 3, 1, "instance", LEAKY_RELU)
 
     def forward(self, x: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
         x = self.up(x)
@@ -141,7 +141,7 @@ class PromptGenerator(nn.Module):
             self.lifts[str(index)] = FeatureLift(feature_channels[index], widths[stage], int(steps))
             skip_channels[stage] += widths[stage]
 
-        self.bottom = UnetBasicBlock(3, embed_channels, widths[0], 3, 1, "instance", _ACT)
+        self.bottom = UnetBasicBlock(3, embed_channels, widths[0], 3, 1, "instance", LEAKY_RELU)
         self.stages = nn.ModuleList(
             [DecoderStage(widths[s - 1], skip_channels[s], widths[s]) for s in range(1, num_steps + 1)]
         )
@@ -152,8 +152,7 @@ class PromptGenerator(nn.Module):
 
     def _unfold(self, x: torch.Tensor) -> torch.Tensor:
         """``(B*D, C, h, w)`` -> ``(B, C, D, h, w)``."""
-        bd, c, h, w = x.shape
-        return x.reshape(bd // self.num_slices, self.num_slices, c, h, w).transpose(1, 2)
+        return unfold_slices(x, self.num_slices, depth_dim=2)
 
     def forward(self, embedding: torch.Tensor, features: Sequence[torch.Tensor]) -> Dict[str, object]:
         """
@@ -195,9 +194,10 @@ class PromptGenerator(nn.Module):
 def mask_avg_box(aux_mask_logits: torch.Tensor, learnable_boxes: torch.Tensor) -> torch.Tensor:
     """MaskAvgBBox: mean of the thresholded aux mask's tight box and the learnable box.
 
-    Where the aux mask is empty the learnable box is used alone (spec decision; the release averaged with a
-    zero box, which drags empty-mask prompts towards the corner). The mask box is a constant; gradients reach
-    the learnable box (x0.5 where averaged), so a box loss can supervise this average as the release does.
+    Where the aux mask is empty the learnable box is used alone (a deviation, model card ``docs/README.md``;
+    the release averaged with a zero box, which drags empty-mask prompts towards the corner). The mask box is a
+    constant; gradients reach the learnable box (x0.5 where averaged), so a box loss can supervise this average
+    as the release does.
 
     Args:
         aux_mask_logits: ``(..., H, W)``; sigmoid > 0.5 is logit > 0.
