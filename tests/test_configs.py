@@ -1,5 +1,6 @@
-"""Config layering (train.yaml generic, presets hold what differs), the ablation overlays of paper Table 4, and
-the training guard against random SAM weights."""
+"""Config layering (train.yaml generic, presets hold what differs), the ablation overlays of paper Table 4, the
+workflow sections (initialize / run / finalize, with the README's run ids), the deterministic preprocessing chain
+declared once, and the training guard against random SAM weights."""
 
 import math
 import os
@@ -152,3 +153,100 @@ def test_inference_yaml_builds_the_network_an_ablation_overlay_trains():
     full = parser_for("inference.yaml", "tiny.yaml").get_parsed_content("network_def")
     with pytest.raises(RuntimeError, match="box_head"):
         full.load_state_dict(trained.state_dict(), strict=True)
+
+
+# ------------------------------------------------------------------------------ workflow sections, preprocessing
+
+
+def test_configs_hold_plain_expressions_only():
+    """No ``__import__(...)`` or ``setattr(...)`` tricks: what needs a module or a side effect is a function."""
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        text = path.read_text()
+        assert "__import__(" not in text and "setattr(" not in text, path.name
+
+
+@pytest.mark.parametrize("overlay,run_id,init_ids", [
+    ("tiny.yaml", "training", ["set_determinism", "configure_determinism"]),
+    ("evaluate.yaml", "evaluating", ["set_determinism"]),  # evaluation keeps cuDNN autotuning off
+    ("demo.yaml", "demo", ["set_determinism", "configure_determinism"]),
+    ("multi_gpu_train.yaml", "training", ["init_process_group", "set_device", "set_determinism",
+                                          "configure_determinism"]),
+])
+def test_run_ids_are_the_run_section_after_initialize(overlay, run_id, init_ids):
+    parser = parser_for("train.yaml", overlay)
+    parser.parse()  # resolves the `%run` macros
+    assert parser[run_id] == parser["run"] and parser["run"][0] == "$@setup"
+    assert parser["setup"][-1] == "$@initialize"  # a run id alone (get_parsed_content) also initializes
+    initialize = parser["initialize"]
+    assert len(initialize) == len(init_ids) and all(name in expr for name, expr in zip(init_ids, initialize))
+    inference = parser_for("inference.yaml")
+    inference.parse()
+    assert inference["inference"] == inference["run"] and inference["run"][0] == "$@setup"
+    assert "initialize" not in inference  # `run show --show EXPR` builds and writes nothing else
+
+
+def test_bundle_run_initializes_once_runs_and_finalizes(tmp_path, acdc_dir):
+    """``monai.bundle run training``'s order: initialize, the checks of setup (once), initialize again (same seed),
+    the run, finalize. The trainer and the sections are replaced by recorders; the checks are real."""
+    from monai.bundle import ConfigWorkflow
+
+    out = tmp_path / "out"
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "tiny.yaml")], run_id="training",
+        **{"bundle_root": str(BUNDLE), "dataset_dir": str(acdc_dir), "output_dir": str(out),
+           "ckpt_dir": str(out / "models"), "calls": "$[]", "initialize": ["$@calls.append('initialize')"],
+           "setup#1": "$@calls.append('checks') or @last_checkpoint", "run#1": "$@calls.append('run')",
+           "finalize": ["$@calls.append('finalize')"]})
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    assert workflow.parser.get_parsed_content("calls") == ["initialize", "checks", "initialize", "run", "finalize"]
+    assert (out / "models").is_dir()  # the real output check ran (and created the folders)
+
+
+def test_multi_gpu_finalize_ends_the_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    parser = parser_for("train.yaml", "tiny.yaml", "multi_gpu_train.yaml")
+    try:
+        parser.get_parsed_content("initialize")
+        assert dist.is_initialized() and dist.get_backend() == "gloo"  # CPU: gloo
+    finally:
+        parser.get_parsed_content("finalize")
+    assert not dist.is_initialized()
+
+
+def test_deterministic_chain_is_declared_once_and_shared():
+    """Validation (and evaluation, which overlays it) use ``preprocessing`` itself; training starts with its
+    steps; settings given on the command line (here ``pixdim``) reach every chain."""
+    parser = parser_for("train.yaml", "tiny.yaml")
+    chain = parser.get_parsed_content("preprocessing")
+    assert parser.get_parsed_content("validate#preprocessing") is chain
+    train = parser.get_parsed_content("train#preprocessing").transforms
+    n = len(chain.transforms)
+    assert all(a is b for a, b in zip(train[:n], chain.transforms))
+    assert type(train[n]).__name__ == "ClassesToIndicesd" and type(train[n + 1]).__name__ == "RandAffineCropByLabelClassesd"
+    assert any(type(t).__name__ == "SafeSpacingd" for t in chain.transforms)  # tiny.yaml's pixdim
+    plain = parser_for("train.yaml", "tiny.yaml")
+    plain["pixdim"] = None
+    assert not any(type(t).__name__ == "SafeSpacingd" for t in plain.get_parsed_content("train#preprocessing").transforms)
+    evaluate = parser_for("train.yaml", "evaluate.yaml")
+    assert evaluate.get_parsed_content("validate#preprocessing") is evaluate.get_parsed_content("preprocessing")
+
+
+def test_configure_determinism_sets_algorithms_and_cudnn_autotuning():
+    from scripts.settings import configure_determinism
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    try:
+        assert configure_determinism("false") is False and torch.backends.cudnn.benchmark is True
+        assert configure_determinism(True) is True and torch.backends.cudnn.benchmark is False
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        with pytest.raises(ValueError, match="deterministic must be true or false, got 'maybe'"):
+            configure_determinism("maybe")
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
