@@ -187,7 +187,7 @@ def test_memory_estimate_follows_the_attention_kernel():
                         fused_attention="true").total_gb == pytest.approx(fused.total_gb)
 
 
-def test_auto_checkpointing_turns_on_only_when_the_step_would_not_fit():
+def test_auto_checkpointing_turns_on_only_when_the_step_would_not_fit(tmp_path):
     from scripts.memory import estimate_peak_gb, resolve_use_checkpoint
 
     preset = dict(backbone="vit_b", patch_size=[256, 256, 4], sam_upsample=4, num_queries=8, batch_size=2)
@@ -196,6 +196,13 @@ def test_auto_checkpointing_turns_on_only_when_the_step_would_not_fit():
     assert resolve_use_checkpoint("auto", **preset, memory_limit_gb=without - 1) is True
     assert resolve_use_checkpoint("false", **preset, memory_limit_gb=1) is False  # an explicit choice stays
     assert resolve_use_checkpoint(True, **preset, memory_limit_gb=1000) is True
+    # train.yaml's default is auto, and the network and the memory check get the resolved value
+    data = make_dataset(tmp_path / "data")
+    tight = parser_for(TRAIN_CONFIGS, dataset_dir=str(data), memory_limit_gb=0.01)
+    assert tight["use_checkpoint"] == "auto" and tight.get_parsed_content("activation_checkpointing") is True
+    assert tight.get_parsed_content("network_def").image_encoder.use_checkpoint is True
+    roomy = parser_for(TRAIN_CONFIGS, dataset_dir=str(data), memory_limit_gb=1000)
+    assert roomy.get_parsed_content("network_def").image_encoder.use_checkpoint is False
 
 
 def test_available_memory_reads_meminfo_and_the_environment_switch(monkeypatch):

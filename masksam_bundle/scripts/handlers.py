@@ -1,4 +1,9 @@
-"""Training-loop handlers: gradient clipping, per-iteration progress with every loss term, per-class Dice."""
+"""Training-loop handlers that MONAI does not have: gradient clipping, per-iteration progress with every loss
+term, per-class Dice as named scalars.
+
+The configs use MONAI's own handlers wherever they do the job (``LrScheduleHandler``, ``ValidationHandler``,
+``StatsHandler``, ``TensorBoardStatsHandler``, ``MeanDice``); each class here says what it adds to them.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,17 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice
 
-from scripts.checkpointing import is_rank_zero
-from scripts.loss import LOSS_TERMS
+from .distributed import is_rank_zero
+from .loss import LOSS_TERMS
+
+__all__ = ["GradientClipHandler", "TrainingLogger", "PerClassDice"]
 
 logger = logging.getLogger("masksam.train")
 
 
 class GradientClipHandler:
-    """Clip the global gradient norm after ``backward`` and before ``optimizer.step`` (``SupervisedTrainer``
-    has no clipping of its own). Under AMP the gradients are unscaled first, as ``GradScaler`` requires.
+    """Clip the global gradient norm after ``backward`` and before ``optimizer.step``: ``SupervisedTrainer``
+    has no clipping of its own and MONAI/ignite no handler for it (nnU-Net clips at 12). Under AMP the gradients are unscaled first, as ``GradScaler`` requires.
     The norm before clipping is kept in ``engine.state.grad_norm`` for logging."""
 
     def __init__(self, max_norm: Optional[float] = 12.0, norm_type: float = 2.0) -> None:
@@ -50,7 +57,7 @@ def _as_float(value) -> float:
 class TrainingLogger:
     """One line per iteration (loss, every term in ``engine.state.output["loss_terms"]``, gradient norm, LR, speed) and
     one per epoch (time, mean loss, ETA); the same scalars go to TensorBoard when ``tensorboard_dir`` is set.
-    Only rank 0 logs."""
+    Only rank 0 logs. MONAI's ``StatsHandler`` / ``TensorBoardStatsHandler`` log the total loss only."""
 
     def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None,
                  tensorboard_dir: Optional[str] = None, log_every: int = 1, tag: str = "train") -> None:
@@ -141,7 +148,8 @@ class TrainingLogger:
 
 class PerClassDice(MeanDice):
     """Dice per foreground class, written into ``engine.state.metrics`` as ``{name}_{class}`` floats
-    (e.g. ``val_dice_RV``) plus ``name`` = their mean, so StatsHandler/TensorBoard log each class."""
+    (e.g. ``val_dice_RV``) plus ``name`` = their mean, so StatsHandler/TensorBoard log each class: ``MeanDice``
+    with ``reduction="mean_batch"`` leaves one unnamed tensor, which TensorBoardStatsHandler skips."""
 
     def __init__(self, class_names: Sequence[str], include_background: bool = False, **kwargs) -> None:
         kwargs.setdefault("output_transform", lambda x: x)

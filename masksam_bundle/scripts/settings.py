@@ -1,4 +1,6 @@
-"""The settings a trained model needs, recorded beside its weights: ``models/model.json`` next to ``model.pt``.
+"""The settings a trained model needs, recorded beside its weights: ``models/model.json`` next to ``model.pt``;
+and the process-wide run settings the configs' ``initialize`` sections apply (:func:`configure_determinism`,
+:func:`timestamped_dir`).
 
 ``model.pt`` stays a plain state dict (what ``ckpt_export``, MONAI Label and the zoo tools read); the JSON file
 beside it (same name, ``.json``) records the config ids the weights depend on: the network settings
@@ -26,11 +28,15 @@ import json
 import logging
 import math
 import os
+import sys
+import tempfile
+import time
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from scripts.files import atomic_write_text
+from .cli import _parse_flags, is_bundle_cli, parse_flag
+from .files import atomic_write_text
 
 __all__ = [
     "FORMAT",
@@ -41,6 +47,8 @@ __all__ = [
     "read_model_settings",
     "recorded_transform",
     "check_model_settings",
+    "configure_determinism",
+    "timestamped_dir",
 ]
 
 logger = logging.getLogger("masksam.settings")
@@ -209,9 +217,6 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def _command_line_keys() -> List[str]:
-    from scripts.cli import _parse_flags, is_bundle_cli
-    import sys
-
     return list(_parse_flags(sys.argv[2:])[1]) if is_bundle_cli() else []
 
 
@@ -235,3 +240,21 @@ def check_model_settings(ckpt_path: str, current: Mapping) -> Dict[str, Any]:
             + ". Drop those overrides (the recorded settings are used by default) or use the model they belong to"
         )
     return recorded
+
+
+# ------------------------------------------------------------------------------------- run settings
+def configure_determinism(deterministic: bool | str) -> bool:
+    """Apply ``deterministic`` (after ``monai.utils.set_determinism``): true, PyTorch's deterministic algorithms
+    (a warning where an operation has none) and no cuDNN autotuning; false, cuDNN autotuning (faster
+    convolutions, small run-to-run differences on GPU). Returns the setting as a bool."""
+    deterministic = parse_flag(deterministic, "deterministic")
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    return deterministic
+
+
+def timestamped_dir(name: str) -> str:
+    """``<system temp dir>/<name>/<YYYYmmdd-HHMMSS>``: a fresh folder per run outside the repository (the path
+    only; the run creates it)."""
+    return os.path.join(tempfile.gettempdir(), name, time.strftime("%Y%m%d-%H%M%S"))
