@@ -27,7 +27,21 @@ __all__ = ["AdaptedTinyViTBlock", "AdaptedTinyViTEncoder", "AdaptedViTBlock", "A
 EncoderOutput = Tuple[torch.Tensor, List[torch.Tensor]]
 
 
-class AdaptedViTBlock(nn.Module):
+class _AdaptedBlock(nn.Module):
+    """A frozen transformer block of width ``dim`` with the two adapters of paper Fig. 4a: one on the attention
+    output, one parallel to the MLP (scaled by ``mlp_adapter_scale``). Subclasses define ``forward``."""
+
+    def __init__(self, block: nn.Module, dim: int, num_slices: int, mlp_adapter_scale: float, adapter: str,
+                 fused_attention: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.fused_attention = fused_attention
+        self.attn_adapter = image_adapter(adapter, dim, num_slices)
+        self.mlp_adapter = image_adapter(adapter, dim, num_slices)
+        self.mlp_adapter_scale = mlp_adapter_scale
+
+
+class AdaptedViTBlock(_AdaptedBlock):
     """A SAM ViT block with a DConvAdapter on the attention output and one parallel to the MLP (x0.5).
 
     ``adapter`` picks another adapter kind for the ablation (:data:`scripts.adapters.IMAGE_ADAPTERS`).
@@ -42,13 +56,8 @@ class AdaptedViTBlock(nn.Module):
         self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, adapter: str = "dconv",
         fused_attention: bool = True,
     ) -> None:
-        super().__init__()
-        self.block = block
-        self.fused_attention = fused_attention
         dim = block.norm1.normalized_shape[0]
-        self.attn_adapter = image_adapter(adapter, dim, num_slices)
-        self.mlp_adapter = image_adapter(adapter, dim, num_slices)
-        self.mlp_adapter_scale = mlp_adapter_scale
+        super().__init__(block, dim, num_slices, mlp_adapter_scale, adapter, fused_attention)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """``(B', H, W, C)`` windows or grids -> the same shape."""
@@ -123,7 +132,7 @@ class AdaptedViTEncoder(nn.Module):
         return embedding, features
 
 
-class AdaptedTinyViTBlock(nn.Module):
+class AdaptedTinyViTBlock(_AdaptedBlock):
     """A TinyViT block (LiteMedSAM) with the same two DConvAdapters as :class:`AdaptedViTBlock`; its window
     attention runs through :func:`scripts.attention.tiny_vit_attention` (SDPA unless ``fused_attention`` is false)."""
 
@@ -131,12 +140,7 @@ class AdaptedTinyViTBlock(nn.Module):
         self, block: nn.Module, num_slices: int, mlp_adapter_scale: float = 0.5, adapter: str = "dconv",
         fused_attention: bool = True,
     ) -> None:
-        super().__init__()
-        self.block = block
-        self.fused_attention = fused_attention
-        self.attn_adapter = image_adapter(adapter, block.dim, num_slices)
-        self.mlp_adapter = image_adapter(adapter, block.dim, num_slices)
-        self.mlp_adapter_scale = mlp_adapter_scale
+        super().__init__(block, block.dim, num_slices, mlp_adapter_scale, adapter, fused_attention)
 
     def _window_attention(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """x: ``(B, h*w, C)`` -> attention output ``(B, h, w, C)`` on the un-windowed grid."""
