@@ -1,4 +1,4 @@
-"""Prompt-only annotation assist (spec section 11): the annotator's box and clicks -> one structure.
+"""Prompt-only annotation assist (model card `docs/README.md`, "Annotation assist"): the annotator's box and clicks -> one structure.
 
 SAM's prompt encoder and MaskSAM's (adapted) mask decoder stay in the network, so a user's prompts can be
 decoded for one structure without the generated prompts, the classifier token or the class head
@@ -143,7 +143,7 @@ def lite_medsam_input(image: torch.Tensor, side: int = LITE_MEDSAM_SIDE) -> Tupl
 
 def zero_shot_network():
     """MaskSAM on the packaged LiteMedSAM weights with every adapter at zero, one slice per window: the
-    prompt path of this network is exactly LiteMedSAM (spec section 11)."""
+    prompt path of this network is exactly LiteMedSAM (model card, "Annotation assist")."""
     from .network import MaskSAM
 
     return MaskSAM(backbone="lite_medsam", in_channels=1, num_classes=2, num_queries=1, num_slices=1,
