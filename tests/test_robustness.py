@@ -132,7 +132,7 @@ def test_background_only_trains_without_nan_and_predicts_background(tmp_path, on
     net = MaskSAM(**TINY_NET).train()
     loss = MaskSAMLoss(num_classes=4)(net(torch.randn(1, 1, 64, 64, 4)), torch.zeros(1, 1, 64, 64, 4))
     loss.backward()
-    assert math.isfinite(float(loss)) and float(loss) > 0
+    assert math.isfinite(loss.item()) and loss.item() > 0
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
