@@ -198,6 +198,13 @@ def test_auto_checkpointing_turns_on_only_when_the_step_would_not_fit(tmp_path):
     assert resolve_use_checkpoint(True, **preset, memory_limit_gb=1000) is True
     # train.yaml's default is auto, and the network and the memory check get the resolved value
     data = make_dataset(tmp_path / "data")
+    from scripts.data import load_datalist
+    from scripts.memory import GB, data_cache_gb
+
+    train = load_datalist(str(data / "dataset.json"), "training")  # 2 cases of 40 x 36 x 3 voxels
+    assert data_cache_gb(train, 1.0) == pytest.approx(2 * 40 * 36 * 3 * (4 + 4 + 8) / GB)
+    assert data_cache_gb(train, 0.5, class_indices=False) == pytest.approx(40 * 36 * 3 * (4 + 4) / GB)
+    assert data_cache_gb(train, 1.0, pixdim=[8.0, 8.0, 1.0]) == pytest.approx(data_cache_gb(train, 1.0) / 4)
     tight = parser_for(TRAIN_CONFIGS, dataset_dir=str(data), memory_limit_gb=0.01)
     assert tight["use_checkpoint"] == "auto" and tight.get_parsed_content("activation_checkpointing") is True
     assert tight.get_parsed_content("network_def").image_encoder.use_checkpoint is True

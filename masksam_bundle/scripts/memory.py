@@ -20,6 +20,7 @@ if a limit is set) plus this process's current size, or the free memory of the C
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -200,19 +201,27 @@ def data_cache_gb(entries: Sequence[dict], cache_rate: float = 1.0, pixdim: Opti
     (training) per voxel, after resampling to ``pixdim``. Reads only the NIfTI headers."""
     if not entries or not cache_rate:
         return 0.0
-    import nibabel as nib
-
     bytes_per_voxel = 4 * in_channels + 4 + (8 if class_indices else 0)
     cached = entries[: int(math.ceil(len(entries) * float(cache_rate)))]
+    images = [e["image"][0] if isinstance(e["image"], (list, tuple)) else e["image"] for e in cached]
+    voxels = _resampled_voxels(tuple(str(i) for i in images), tuple(pixdim) if pixdim else None)
+    return voxels * bytes_per_voxel / GB
+
+
+@functools.lru_cache(maxsize=8)
+def _resampled_voxels(images: Tuple[str, ...], pixdim: Optional[Tuple[float, ...]]) -> float:
+    """Voxels of ``images`` after resampling to ``pixdim``, from their NIfTI headers (cached: a training run asks
+    twice, for ``use_checkpoint: auto`` and for the memory check)."""
+    import nibabel as nib
+
     total = 0.0
-    for entry in cached:
-        image = entry["image"][0] if isinstance(entry["image"], (list, tuple)) else entry["image"]
+    for image in images:
         header = nib.load(image).header
         shape, zooms = header.get_data_shape()[:3], header.get_zooms()[:3]
         if pixdim:
             shape = [s * z / p for s, z, p in zip(shape, zooms, pixdim)]
-        total += float(math.prod(shape)) * bytes_per_voxel
-    return total / GB
+        total += float(math.prod(shape))
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ check
@@ -226,10 +235,9 @@ def resolve_use_checkpoint(use_checkpoint, backbone: str, patch_size: Sequence[i
     available; when the estimate or the free memory is unknown, off."""
     if str(use_checkpoint).strip().lower() != "auto":
         return parse_flag(use_checkpoint, "use_checkpoint")
-    settings = dict(backbone=backbone, image_size=int(patch_size[0]), sam_upsample=int(sam_upsample),
-                    depth=int(patch_size[2]), num_queries=int(num_queries), batch=int(batch_size), mode="train",
-                    amp=parse_flag(amp, "amp"), device=str(device), fused=parse_flag(fused_attention, "fused_attention"),
-                    data_gb=data_cache_gb(data or [], cache_rate, pixdim, in_channels, class_indices=True))
+    settings = _run_settings(backbone, patch_size, sam_upsample, num_queries, batch_size, "train", amp, False, device,
+                             fused_attention, data_cache_gb(data or [], cache_rate, pixdim, in_channels))
+    del settings["checkpointing"]  # estimated both ways below
     try:
         without = estimate_peak_gb(**settings, checkpointing=False)
         with_checkpointing = estimate_peak_gb(**settings, checkpointing=True)
@@ -241,6 +249,15 @@ def resolve_use_checkpoint(use_checkpoint, backbone: str, patch_size: Sequence[i
     logger.info(f"use_checkpoint auto: on (estimated peak {without.total_gb:.1f} GB without activation checkpointing, "
                 f"{with_checkpointing.total_gb:.1f} GB with it; available {free:.1f} GB, {source})")
     return True
+
+
+def _run_settings(backbone: str, patch_size: Sequence[int], sam_upsample: int, num_queries: int, batch_size: int,
+                  mode: str, amp, use_checkpoint, device, fused_attention, data_gb: float) -> dict:
+    """The keyword arguments of :func:`estimate_peak_gb` for a run's config values (yes/no values parsed)."""
+    return dict(backbone=backbone, image_size=int(patch_size[0]), sam_upsample=int(sam_upsample),
+                depth=int(patch_size[2]), num_queries=int(num_queries), batch=int(batch_size), mode=mode,
+                amp=parse_flag(amp, "amp"), checkpointing=parse_flag(use_checkpoint, "use_checkpoint"),
+                device=str(device), fused=parse_flag(fused_attention, "fused_attention"), data_gb=data_gb)
 
 
 def _candidates(settings: dict) -> List[Tuple[str, dict]]:
@@ -268,14 +285,10 @@ def check_memory(backbone: str, patch_size: Sequence[int], sam_upsample: int, nu
     settings that would fit) when it is larger than what is available. Call before building the network."""
     if not parse_flag(enabled, "memory_check"):
         return None
-    amp, use_checkpoint = parse_flag(amp, "amp"), parse_flag(use_checkpoint, "use_checkpoint")
-    fused = parse_flag(fused_attention, "fused_attention")
-    device = str(device)
     data_gb = data_cache_gb(data or [], cache_rate, pixdim, in_channels, class_indices=mode == "train")
-    settings = dict(backbone=backbone, image_size=int(patch_size[0]), sam_upsample=int(sam_upsample),
-                    depth=int(patch_size[2]), num_queries=int(num_queries), batch=int(batch_size), mode=mode,
-                    amp=bool(amp), checkpointing=bool(use_checkpoint), device=device, data_gb=data_gb,
-                    fused=fused)
+    settings = _run_settings(backbone, patch_size, sam_upsample, num_queries, batch_size, mode, amp, use_checkpoint,
+                             device, fused_attention, data_gb)
+    amp, use_checkpoint, device = settings["amp"], settings["checkpointing"], settings["device"]
     try:
         estimate = estimate_peak_gb(**settings)
     except KeyError as e:
