@@ -49,6 +49,7 @@ __all__ = [
     "check_model_settings",
     "configure_determinism",
     "timestamped_dir",
+    "keep_freed_memory",
 ]
 
 logger = logging.getLogger("masksam.settings")
@@ -258,3 +259,36 @@ def timestamped_dir(name: str) -> str:
     """``<system temp dir>/<name>/<YYYYmmdd-HHMMSS>``: a fresh folder per run outside the repository (the path
     only; the run creates it)."""
     return os.path.join(tempfile.gettempdir(), name, time.strftime("%Y%m%d-%H%M%S"))
+
+
+# glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory(device: Any = "cpu", enabled: Any = True) -> bool:
+    """On a CPU run under glibc, keep freed memory in the process instead of returning it to the system.
+
+    glibc serves every allocation above 32 MiB with its own ``mmap`` and unmaps it on free, so each training
+    step faults its activations in afresh, page by page; on the 2-core development machine that kernel time was
+    larger than the compute (a LiteMedSAM 256x256x4 training step: 122-135 s wall of which 103-120 s system
+    time; 41-45 s with under 2 s after this call; ``docs/benchmarks.md`` "Proof of learning"). With ``mmap``
+    off and trimming above 2 GiB only, freed blocks are reused by the next step. The cost: the process keeps its
+    peak plus fragments (that step: 15.2 GiB peak without; 18.4-20.8 GiB resident with it), which the memory
+    estimate counts (:func:`scripts.memory.estimate_peak_gb`, ``keep_freed``). Off by default
+    (``keep_freed_memory`` in ``train.yaml``). Does nothing when ``enabled`` is false, on a CUDA device or without
+    glibc. Returns whether it applied. Process-wide: call it once, before the training loop.
+    """
+    if not parse_flag(enabled, "keep_freed_memory"):
+        return False
+    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    if applied:
+        logger.info("CPU run: freed memory stays in the process (keep_freed_memory), so steps do not re-fault it")
+    return applied
