@@ -157,9 +157,9 @@ def test_configs_hold_plain_expressions_only():
 
 
 @pytest.mark.parametrize("overlay,run_id,init_ids", [
-    ("tiny.yaml", "training", ["set_determinism", "configure_determinism"]),
-    ("evaluate.yaml", "evaluating", ["set_determinism"]),  # evaluation keeps cuDNN autotuning off
-    ("demo.yaml", "demo", ["set_determinism", "configure_determinism"]),
+    ("tiny.yaml", "training", ["set_determinism", "configure_determinism", "keep_freed_memory"]),
+    ("evaluate.yaml", "evaluating", ["set_determinism", "keep_freed_memory"]),  # cuDNN autotuning stays off
+    ("demo.yaml", "demo", ["set_determinism", "configure_determinism", "keep_freed_memory"]),
     ("multi_gpu_train.yaml", "training", ["init_process_group", "set_device", "set_determinism",
                                           "configure_determinism"]),
 ])
