@@ -161,10 +161,9 @@ def run(args) -> Dict:
     log(f"patch: {choice['image']} slices {choice['z']}..{choice['z'] + args.depth - 1}, window start {where['start']}, "
         f"voxels per class {present}")
 
-    extra = {"sam_upsample": args.sam_upsample}
     net = MaskSAM(backbone=args.backbone, num_classes=NUM_CLASSES, num_queries=args.num_queries,
-                  num_slices=args.depth, image_size=args.image_size, decoder_channels=args.decoder_channels,
-                  **extra)
+                  num_slices=args.depth, image_size=args.image_size, sam_upsample=args.sam_upsample,
+                  decoder_channels=args.decoder_channels)
     loss_fn = MaskSAMLoss(NUM_CLASSES, num_points=args.num_points, seed=args.seed)
     optimizer = build_optimizer(net, args.optimizer, args.lr, args.head_lr_scale, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.iterations, power=0.9)
